@@ -1,0 +1,1 @@
+"""The data catalog: cohort ingestion and validation, content hashes, Parquet tables, preprocessed store, lineage."""

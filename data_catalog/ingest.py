@@ -1,0 +1,644 @@
+"""Cohort ingestion: find the cases of a source folder, hash and validate them, and record them in the
+catalog (cases.parquet, issues.parquet).
+
+Three kinds of source (SPEC):
+- `msd`: an MSD / nnU-Net folder with `dataset.json`, `imagesTr/`, `labelsTr/` (and optional `imagesTs/`);
+- `folder`: a plain folder of images, with an optional folder of labels matched by case id;
+- `dicom`: a folder searched recursively for DICOM series; every series is one case.
+
+A case that fails a check gets one issues row per problem (stable `code`); an `error` quarantines it, a
+`warning` does not. The rest of the cohort goes on. Re-ingesting reads only files whose size or mtime
+changed (and hashes only those).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from unet3d.io import dicom_series, is_image_file, read_dicom_tags, read_header, read_image, strip_image_suffix, to_numpy
+from unet3d.resample import canonical_axes
+
+from .hashing import sha256_file, sha256_files, stat_fingerprint
+from .tables import Catalog, utc_now
+
+log = logging.getLogger(__name__)
+
+ERROR, WARNING = "error", "warning"
+
+# Stable issue codes. Users filter on these; never rename one.
+ISSUE_CODES = {
+    "label_missing": (ERROR, "image without label"),
+    "image_missing": (ERROR, "label without image"),
+    "unreadable": (ERROR, "file cannot be read or is truncated"),
+    "not_3d": (ERROR, "image is not a single-channel 3-D volume"),
+    "non_finite": (ERROR, "NaN or Inf voxels"),
+    "spacing_implausible": (ERROR, "voxel spacing is not a plausible number of millimetres"),
+    "size_mismatch": (ERROR, "image and label sizes differ"),
+    "spacing_mismatch": (ERROR, "image and label spacings differ"),
+    "origin_mismatch": (ERROR, "image and label origins differ"),
+    "direction_mismatch": (ERROR, "image and label directions differ"),
+    "label_non_integer": (ERROR, "label holds non-integer values"),
+    "label_undeclared": (ERROR, "label holds values that the cohort does not declare"),
+    "path_outside_cohort": (ERROR, "dataset.json entry points outside the cohort folder"),
+    "duplicate_case_id": (ERROR, "two sources map to the same case id"),
+    "label_empty": (WARNING, "label holds no foreground"),
+    "label_float_dtype": (WARNING, "label stored as floating point (values are integers)"),
+    "geometry_outlier": (WARNING, "size or spacing far from the cohort's median: likely another dataset"),
+    "preprocess_failed": (ERROR, "preprocessing raised an error"),
+}
+
+# Tolerances for image/label geometry agreement.
+SPACING_RTOL = 1e-3
+ORIGIN_ATOL_FRACTION = 0.1  # of the finest spacing
+DIRECTION_ATOL = 1e-3
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+# A case is a geometry outlier when an axis' spacing differs from the cohort median by more than this factor,
+# or its physical extent by more than OUTLIER_EXTENT_FACTOR.
+OUTLIER_SPACING_FACTOR = 3.0
+OUTLIER_EXTENT_FACTOR = 4.0
+
+
+class IngestError(Exception):
+    """The source as a whole cannot be ingested (missing folder, unreadable dataset.json ...)."""
+
+
+@dataclass
+class SourceCase:
+    case_id: str
+    image_files: list[str] | None  # one file, or a DICOM series' slices in order
+    label_path: str | None
+    patient_id: str | None = None
+    source_kind: str = "folder"
+    modality: str | None = None
+    issues: list[tuple[str, str, str]] = field(default_factory=list)  # (code, path, message) found at discovery
+
+    @property
+    def image_path(self) -> str | None:
+        if not self.image_files:
+            return None
+        if self.source_kind == "dicom":
+            return str(Path(self.image_files[0]).parent)
+        return self.image_files[0]
+
+
+@dataclass
+class Source:
+    kind: str
+    root: Path
+    cases: list[SourceCase]
+    declared_labels: dict[int, str] | None
+    modality: str | None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------------------
+def normalise_modality(value: str | None) -> str | None:
+    if value is None:
+        return None
+    v = str(value).strip().upper()
+    if v in {"CT"}:
+        return "CT"
+    if v in {"MR", "MRI", "T1", "T2", "FLAIR", "T1W", "T2W", "DWI", "ADC"} or v.startswith("MR"):
+        return "MRI"
+    return "other"
+
+
+def discover(source: str | Path, labels: str | Path | None = None) -> Source:
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise IngestError(f"source folder {source} does not exist")
+    if (root / "dataset.json").exists():
+        return _discover_msd(root)
+    images = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
+    if images:
+        return _discover_folder(root, Path(labels).expanduser().resolve() if labels else None)
+    dicom = _discover_dicom(root, Path(labels).expanduser().resolve() if labels else None)
+    if dicom.cases:
+        return dicom
+    raise IngestError(f"{root}: no dataset.json, no image files (.nii.gz .nii .nrrd .mha ...) and no DICOM series found")
+
+
+def _case_id_from_file(path: Path) -> str:
+    stem = strip_image_suffix(path.name)
+    # nnU-Net v2 names the first channel CASE_0000
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        stem = stem[:-5]
+    return stem
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _discover_msd(root: Path) -> Source:
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IngestError(f"{root / 'dataset.json'}: cannot be parsed: {exc}") from exc
+    declared = None
+    if isinstance(meta.get("labels"), dict):
+        labels = meta["labels"]
+        try:
+            # MSD: {"0": "background"}; nnU-Net v2: {"background": 0}
+            if all(str(k).lstrip("-").isdigit() for k in labels):
+                declared = {int(k): str(v) for k, v in labels.items()}
+            else:
+                declared = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
+        except (TypeError, ValueError):
+            declared = None
+    modality = None
+    mod = meta.get("modality") or meta.get("channel_names")
+    if isinstance(mod, dict) and mod:
+        modality = normalise_modality(list(mod.values())[0])
+    file_ending = meta.get("file_ending", ".nii.gz")
+
+    cases: dict[str, SourceCase] = {}
+    seen_images: set[Path] = set()
+    seen_labels: set[Path] = set()
+
+    def add(case: SourceCase):
+        if case.case_id in cases:
+            case.issues.append(("duplicate_case_id", case.image_path or case.label_path or "",
+                                f"case id {case.case_id} is listed twice in dataset.json"))
+            case.case_id = f"{case.case_id}__dup{len(cases)}"
+        cases[case.case_id] = case
+
+    for kind, entries in (("training", meta.get("training")), ("test", meta.get("test"))):
+        for entry in entries or []:
+            if isinstance(entry, str):
+                entry = {"image": entry}
+            image_rel = entry.get("image")
+            label_rel = entry.get("label") if kind == "training" else None
+            if not image_rel:
+                continue
+            image = (root / image_rel)
+            case = SourceCase(case_id=_case_id_from_file(Path(image_rel)), image_files=None, label_path=None,
+                              patient_id=entry.get("patient_id"), source_kind="msd", modality=modality)
+            for rel, is_label in ((image_rel, False), (label_rel, True)):
+                if rel is None:
+                    continue
+                path = root / rel
+                if not _inside(root, path):
+                    case.issues.append(("path_outside_cohort", str(rel),
+                                        f"dataset.json {'label' if is_label else 'image'} entry {rel!r} resolves outside {root}"))
+                    continue
+                path = path.resolve()
+                (seen_labels if is_label else seen_images).add(path)
+                if is_label:
+                    if path.exists():
+                        case.label_path = str(path)
+                    else:
+                        case.issues.append(("label_missing", str(path),
+                                            f"dataset.json lists label {rel} but the file does not exist"))
+                else:
+                    if path.exists():
+                        case.image_files = [str(path)]
+                        # MSD images may be 4-D multi-channel; nnU-Net v2 splits channels into _0000 files
+                    else:
+                        v2 = path.parent / (strip_image_suffix(path.name) + "_0000" + file_ending)
+                        if v2.exists():
+                            case.image_files = [str(v2)]
+                            seen_images.add(v2.resolve())
+                        else:
+                            case.issues.append(("image_missing", str(path),
+                                                f"dataset.json lists image {rel} but the file does not exist"))
+            if kind == "training" and label_rel is None and not any(c == "label_missing" for c, _, _ in case.issues):
+                case.issues.append(("label_missing", str(image), "dataset.json training entry has no label"))
+            add(case)
+
+    # Files on disk that dataset.json does not list (nnU-Net v2 lists none): images join as cases,
+    # labels without an image are reported.
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    unlisted_images = sorted(p.resolve() for p in images_dir.glob("*") if is_image_file(p) and p.resolve() not in seen_images) if images_dir.is_dir() else []
+    for image in unlisted_images:
+        cid = _case_id_from_file(image)
+        if cid in cases and cases[cid].image_files:
+            continue
+        label = labels_dir / (cid + file_ending)
+        case = cases.get(cid) or SourceCase(case_id=cid, image_files=None, label_path=None, source_kind="msd", modality=modality)
+        case.image_files = [str(image)]
+        if label.exists():
+            case.label_path = str(label.resolve())
+            seen_labels.add(label.resolve())
+        else:
+            case.issues.append(("label_missing", str(image), f"image {image.name} has no label in labelsTr/"))
+        cases[cid] = case
+    if labels_dir.is_dir():
+        for label in sorted(p.resolve() for p in labels_dir.glob("*") if is_image_file(p)):
+            if label in seen_labels:
+                continue
+            cid = _case_id_from_file(label)
+            if cid in cases:
+                if cases[cid].label_path is None:
+                    cases[cid].label_path = str(label)
+                    cases[cid].issues = [i for i in cases[cid].issues if i[0] != "label_missing"]
+                continue
+            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=str(label), source_kind="msd",
+                                    modality=modality,
+                                    issues=[("image_missing", str(label), f"label {label.name} has no image in imagesTr/ "
+                                                                          f"and no dataset.json entry")])
+    return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality)
+
+
+def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
+    if labels_dir is not None and not labels_dir.is_dir():
+        raise IngestError(f"labels folder {labels_dir} does not exist")
+    cases: dict[str, SourceCase] = {}
+    for image in sorted(p.resolve() for p in root.iterdir() if p.is_file() and is_image_file(p)):
+        cid = _case_id_from_file(image)
+        case = SourceCase(case_id=cid, image_files=[str(image)], label_path=None, source_kind="folder")
+        if cid in cases:
+            case.issues.append(("duplicate_case_id", str(image),
+                                f"{image.name} and {Path(cases[cid].image_files[0]).name} both give case id {cid}"))
+            case.case_id = f"{cid}__{image.name}"
+        cases[case.case_id] = case
+    if labels_dir is not None:
+        labels = {}
+        for label in sorted(p.resolve() for p in labels_dir.iterdir() if p.is_file() and is_image_file(p)):
+            labels.setdefault(_case_id_from_file(label), label)
+        for cid, case in cases.items():
+            if cid in labels:
+                case.label_path = str(labels.pop(cid))
+            else:
+                case.issues.append(("label_missing", case.image_path, f"no label named {cid}.* in {labels_dir}"))
+        for cid, label in labels.items():
+            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=str(label), source_kind="folder",
+                                    issues=[("image_missing", str(label), f"label {label.name} has no image in {root}")])
+    return Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None)
+
+
+def _discover_dicom(root: Path, labels_dir: Path | None) -> Source:
+    cases: dict[str, SourceCase] = {}
+    for folder, _dirs, files in sorted(os.walk(root)):
+        if not files:
+            continue
+        try:
+            series = dicom_series(folder)
+        except RuntimeError:
+            continue
+        for uid, slices in series:
+            rel = Path(folder).relative_to(root)
+            base = root.name if str(rel) == "." else "_".join(rel.parts)
+            cid = base if len(series) == 1 else f"{base}_{uid[-8:]}"
+            try:
+                tags = read_dicom_tags(slices[0])
+            except RuntimeError:
+                tags = {}
+            case = SourceCase(case_id=cid, image_files=slices, label_path=None, source_kind="dicom",
+                              patient_id=tags.get("PatientID") or None, modality=normalise_modality(tags.get("Modality")))
+            if labels_dir is not None:
+                matches = [p for p in labels_dir.iterdir() if is_image_file(p) and _case_id_from_file(p) == cid]
+                if matches:
+                    case.label_path = str(matches[0].resolve())
+            cases[cid] = case
+    return Source("dicom", root, sorted(cases.values(), key=lambda c: c.case_id), None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inspection of one case (hash + validation); runs in worker processes for large cohorts
+# ---------------------------------------------------------------------------------------------------------
+def _issue(code: str, path: str | None, message: str) -> dict:
+    severity, _ = ISSUE_CODES[code]
+    return {"code": code, "severity": severity, "path": path, "message": message}
+
+
+def _check_spacing(spacing, path) -> list[dict]:
+    lo, hi = PLAUSIBLE_SPACING_MM
+    bad = [s for s in spacing if not np.isfinite(s) or s < lo or s > hi]
+    if bad:
+        return [_issue("spacing_implausible", path, f"spacing {tuple(round(s, 6) for s in spacing)} mm is outside "
+                                                    f"[{lo}, {hi}] mm")]
+    return []
+
+
+def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> dict:
+    """Hash and validate one case. Returns the case's catalog fields and its issues (never raises)."""
+    out: dict = {"case_id": case.case_id, "issues": [_issue(c, p, m) for c, p, m in case.issues]}
+    image_geometry = None
+    if case.image_files:
+        path = case.image_path
+        try:
+            out["image_sha256"] = sha256_file(case.image_files[0]) if len(case.image_files) == 1 and case.source_kind != "dicom" \
+                else sha256_files(case.image_files)
+            out["image_stat"] = stat_fingerprint(case.image_files)
+        except OSError as exc:
+            out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
+        try:
+            image = read_image(case.image_files if case.source_kind == "dicom" else case.image_files[0])
+        except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
+            out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the image: {_first_line(exc)}"))
+            image = None
+        if image is not None:
+            from unet3d.io import Geometry
+            image_geometry = Geometry.of(image)
+            out.update(_geometry_fields(image_geometry))
+            out["pixel_type"] = image.GetPixelIDTypeAsString()
+            if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+                out["issues"].append(_issue("not_3d", path, f"image has {image.GetDimension()} dimensions and "
+                                                            f"{image.GetNumberOfComponentsPerPixel()} components per voxel "
+                                                            f"(size {image.GetSize()}); expected one 3-D channel"))
+            else:
+                out["issues"] += _check_spacing(image_geometry.spacing, path)
+                voxels = to_numpy(image)
+                if np.issubdtype(voxels.dtype, np.floating):
+                    n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+                    if n_bad:
+                        out["issues"].append(_issue("non_finite", path, f"{n_bad} NaN/Inf voxels"))
+            del image
+    if case.label_path:
+        path = case.label_path
+        try:
+            out["label_sha256"] = sha256_file(path)
+            out["label_stat"] = stat_fingerprint([path])
+        except OSError as exc:
+            out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
+        try:
+            label = read_image(path)
+        except Exception as exc:
+            out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the label: {_first_line(exc)}"))
+            label = None
+        if label is not None:
+            from unet3d.io import Geometry
+            lg = Geometry.of(label)
+            if image_geometry is None:
+                out.update(_geometry_fields(lg))  # an orphan label still gets its geometry reported
+                out["pixel_type"] = None
+            if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+                out["issues"].append(_issue("not_3d", path, f"label has {label.GetDimension()} dimensions and "
+                                                            f"{label.GetNumberOfComponentsPerPixel()} components"))
+            else:
+                if image_geometry is not None and image_geometry.ndim == 3:
+                    out["issues"] += _compare_geometry(image_geometry, lg, path)
+                out["issues"] += _check_label_values(to_numpy(label), declared_labels, path)
+    return out
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with file:line noise; the last non-empty line is usually the reason
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _geometry_fields(g) -> dict:
+    return {"size": list(g.size), "spacing_mm": list(g.spacing), "origin_mm": list(g.origin), "direction": list(g.direction)}
+
+
+def _compare_geometry(image, label, path) -> list[dict]:
+    issues = []
+    if tuple(image.size) != tuple(label.size):
+        issues.append(_issue("size_mismatch", path, f"label size {label.size} != image size {image.size}"))
+    if not np.allclose(image.spacing, label.spacing, rtol=SPACING_RTOL, atol=0):
+        issues.append(_issue("spacing_mismatch", path, f"label spacing {tuple(round(s, 5) for s in label.spacing)} != "
+                                                       f"image spacing {tuple(round(s, 5) for s in image.spacing)}"))
+    atol = ORIGIN_ATOL_FRACTION * min(image.spacing)
+    if not np.allclose(image.origin, label.origin, rtol=0, atol=atol):
+        issues.append(_issue("origin_mismatch", path, f"label origin {tuple(round(o, 3) for o in label.origin)} != "
+                                                      f"image origin {tuple(round(o, 3) for o in image.origin)} "
+                                                      f"(tolerance {atol:.3g} mm)"))
+    if not np.allclose(image.direction, label.direction, rtol=0, atol=DIRECTION_ATOL):
+        issues.append(_issue("direction_mismatch", path, f"label direction {tuple(round(d, 4) for d in label.direction)} "
+                                                         f"!= image direction {tuple(round(d, 4) for d in image.direction)}"))
+    return issues
+
+
+def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, path: str) -> list[dict]:
+    issues = []
+    if np.issubdtype(values.dtype, np.floating):
+        finite = np.isfinite(values)
+        if not finite.all() or not np.array_equal(values[finite], np.round(values[finite])):
+            bad = values[~finite] if not finite.all() else values[values != np.round(values)]
+            return [_issue("label_non_integer", path, f"{bad.size} label voxels are not integers "
+                                                      f"(e.g. {float(bad.ravel()[0]):.4g})")]
+        issues.append(_issue("label_float_dtype", path, f"label stored as {values.dtype}; its values are integers"))
+        values = values.astype(np.int64)
+    present = np.unique(values)
+    allowed = set(declared) if declared else None
+    if allowed is not None:
+        allowed.add(0)
+        undeclared = [int(v) for v in present if int(v) not in allowed]
+        if undeclared:
+            issues.append(_issue("label_undeclared", path, f"label values {undeclared} are not declared "
+                                                           f"(declared: {sorted(allowed)})"))
+    elif (present < 0).any():
+        issues.append(_issue("label_undeclared", path, f"negative label values {[int(v) for v in present if v < 0]}"))
+    if not (present != 0).any():
+        issues.append(_issue("label_empty", path, "label holds only background (0)"))
+    return issues
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cohort-level checks
+# ---------------------------------------------------------------------------------------------------------
+def geometry_outliers(rows: list[dict]) -> dict[str, str]:
+    """Cases whose canonical spacing or physical extent is far from the cohort median -> message."""
+    canon = {}
+    for row in rows:
+        spacing, direction = row.get("spacing_mm"), row.get("direction")
+        if spacing is None or direction is None or len(spacing) != 3 or len(direction) != 9:
+            continue
+        perm, _ = canonical_axes(np.asarray(row["direction"]).reshape(3, 3))
+        spacing = np.asarray(row["spacing_mm"])[list(perm)]
+        extent = spacing * np.asarray(row["size"])[list(perm)]
+        canon[row["case_id"]] = (spacing, extent, row)
+    if len(canon) < 5:
+        return {}
+    med_spacing = np.median([s for s, _, _ in canon.values()], axis=0)
+    med_extent = np.median([e for _, e, _ in canon.values()], axis=0)
+    out = {}
+    for cid, (spacing, extent, row) in canon.items():
+        sr = np.maximum(spacing / med_spacing, med_spacing / spacing)
+        er = np.maximum(extent / med_extent, med_extent / extent)
+        if (sr > OUTLIER_SPACING_FACTOR).any() or (er > OUTLIER_EXTENT_FACTOR).any():
+            out[cid] = (f"size {tuple(row['size'])} at spacing {tuple(round(s, 3) for s in row['spacing_mm'])} mm, "
+                        f"extent {tuple(round(float(e)) for e in extent)} mm, vs the cohort's median spacing "
+                        f"{tuple(round(float(s), 3) for s in med_spacing)} mm and extent "
+                        f"{tuple(round(float(e)) for e in med_extent)} mm")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ingestion into the catalog
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class IngestResult:
+    cohort: str
+    n_cases: int
+    n_ok: int
+    n_quarantined: int
+    new: int
+    changed: int
+    unchanged: int
+    removed: int
+    n_issues: int
+    cases_path: str
+    issues_path: str
+
+    def summary(self) -> str:
+        return (f"cohort {self.cohort}: {self.n_cases} cases ({self.n_ok} ok, {self.n_quarantined} quarantined); "
+                f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, {self.removed} removed; "
+                f"{self.n_issues} issues")
+
+
+def _clean(value):
+    """Parquet round trips give NaN for missing strings and numpy arrays for lists; compare plain values."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def _previous_rows(previous: pd.DataFrame) -> dict[str, dict]:
+    return {r["case_id"]: {k: _clean(v) for k, v in r.items()} for r in previous.to_dict("records")}
+
+
+def _unchanged(case: SourceCase, prev: dict | None) -> bool:
+    if prev is None:
+        return False
+    if (prev.get("image_path") or None) != case.image_path or (prev.get("label_path") or None) != case.label_path:
+        return False
+    try:
+        image_stat = stat_fingerprint(case.image_files) if case.image_files else None
+        label_stat = stat_fingerprint([case.label_path]) if case.label_path else None
+    except OSError:
+        return False
+    return image_stat == (prev.get("image_stat") or None) and label_stat == (prev.get("label_stat") or None)
+
+
+def ingest(
+    source: str | Path,
+    cohort: str,
+    workspace: str | Path,
+    labels: str | Path | None = None,
+    modality: str | None = None,
+    declared_labels: dict[int, str] | None = None,
+    workers: int = 1,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> IngestResult:
+    """Add or refresh a cohort in the catalog. Only new or changed cases are read."""
+    src = discover(source, labels)
+    declared = declared_labels or src.declared_labels
+    catalog = Catalog(workspace)
+    cohort_modality = normalise_modality(modality) or src.modality
+
+    with catalog.lock():
+        all_cases = catalog.read("cases")
+        all_issues = catalog.read("issues")
+        previous = _previous_rows(all_cases[all_cases["cohort"] == cohort])
+        prev_issues = all_issues[(all_issues["cohort"] == cohort)]
+        now = utc_now()
+
+        todo, reused = [], []
+        for case in src.cases:
+            (reused if _unchanged(case, previous.get(case.case_id)) else todo).append(case)
+        log.info("cohort %s: %d cases found in %s, %d to read, %d unchanged", cohort, len(src.cases), src.root,
+                 len(todo), len(reused))
+
+        inspected = _inspect_all(todo, declared, workers, progress)
+
+        rows, issue_rows = [], []
+        new = changed = 0
+        for case in reused:
+            prev = dict(previous[case.case_id])
+            rows.append(prev)
+            kept = prev_issues[(prev_issues["case_id"] == case.case_id) & (prev_issues["stage"] == "ingest")
+                               & (prev_issues["code"] != "geometry_outlier")]
+            issue_rows += kept.to_dict("records")
+        for case, result in zip(todo, inspected):
+            prev = previous.get(case.case_id)
+            same_content = prev is not None and prev.get("image_sha256") == result.get("image_sha256") \
+                and prev.get("label_sha256") == result.get("label_sha256")
+            if prev is None:
+                new += 1
+            elif not same_content:
+                changed += 1
+            rows.append({
+                "cohort": cohort,
+                "case_id": case.case_id,
+                "patient_id": case.patient_id or case.case_id,
+                "image_path": case.image_path,
+                "label_path": case.label_path,
+                "image_sha256": result.get("image_sha256"),
+                "label_sha256": result.get("label_sha256"),
+                "modality": cohort_modality or case.modality or "other",
+                "size": result.get("size"),
+                "spacing_mm": result.get("spacing_mm"),
+                "status": None,
+                "ingested_at": prev["ingested_at"] if same_content else now,
+                "source_kind": src.kind,
+                "origin_mm": result.get("origin_mm"),
+                "direction": result.get("direction"),
+                "pixel_type": result.get("pixel_type"),
+                "image_files": case.image_files,
+                "image_stat": result.get("image_stat"),
+                "label_stat": result.get("label_stat"),
+            })
+            old_found = {}
+            if same_content:
+                old = prev_issues[prev_issues["case_id"] == case.case_id]
+                old_found = {(r["code"], r["message"]): r["found_at"] for r in old.to_dict("records")}
+            for issue in result["issues"]:
+                issue_rows.append({"cohort": cohort, "case_id": case.case_id, "stage": "ingest",
+                                   "found_at": old_found.get((issue["code"], issue["message"]), now), **issue})
+
+        prev_outliers = {(r["case_id"], r["message"]): r["found_at"]
+                         for r in prev_issues[prev_issues["code"] == "geometry_outlier"].to_dict("records")}
+        for cid, message in geometry_outliers(rows).items():
+            issue_rows.append({"cohort": cohort, "case_id": cid, "stage": "ingest", "code": "geometry_outlier",
+                               "severity": WARNING, "path": None, "message": message,
+                               "found_at": prev_outliers.get((cid, message), now)})
+        # Problems found later (preprocessing) stay recorded while the case's content is unchanged.
+        current = {(r["case_id"], r.get("image_sha256"), r.get("label_sha256")) for r in rows}
+        for r in prev_issues[prev_issues["stage"] != "ingest"].to_dict("records"):
+            prev = previous.get(r["case_id"])
+            if prev is not None and (r["case_id"], prev.get("image_sha256"), prev.get("label_sha256")) in current:
+                issue_rows.append(r)
+
+        errors = {r["case_id"] for r in issue_rows if r["severity"] == ERROR}
+        for row in rows:
+            row["status"] = "quarantined" if row["case_id"] in errors else "ok"
+        removed = len(set(previous) - {c.case_id for c in src.cases})
+
+        cases_df = pd.DataFrame(rows)
+        issues_df = pd.DataFrame(issue_rows)
+        other_cases = all_cases[all_cases["cohort"] != cohort]
+        other_issues = all_issues[all_issues["cohort"] != cohort]
+        catalog.write("cases", _concat(other_cases, cases_df).sort_values(["cohort", "case_id"]))
+        catalog.write("issues", _concat(other_issues, issues_df))
+
+    n_ok = int((cases_df["status"] == "ok").sum()) if len(cases_df) else 0
+    return IngestResult(cohort, len(cases_df), n_ok, len(cases_df) - n_ok, new, changed,
+                        len(reused) + (len(todo) - new - changed), removed, len(issues_df),
+                        str(catalog.cases_path), str(catalog.issues_path))
+
+
+def _concat(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    frames = [f for f in (a, b) if len(f)]
+    if not frames:
+        return b if len(b.columns) else a
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+
+
+def _inspect_all(cases: list[SourceCase], declared, workers: int, progress) -> list[dict]:
+    wrap = progress or (lambda it, **_: it)
+    if workers > 1 and len(cases) > 16:
+        # spawn, not fork: the caller may be a multi-threaded Prefect process
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [pool.submit(inspect_case, c, declared) for c in cases]
+            return [f.result() for f in wrap(futures, total=len(cases), desc="ingest")]
+    return [inspect_case(c, declared) for c in wrap(cases, total=len(cases), desc="ingest")]

@@ -1,0 +1,182 @@
+"""Per-case work of the preprocessing stage: fingerprint one case, preprocess one case into the store.
+
+These functions run inside Dask workers: they take and return small picklable dicts, import only numpy and
+SimpleITK (no torch, no pandas), never raise for a bad case (a failure is returned and becomes an
+issues row), and write each case through a temporary folder that is renamed into place at the end, so
+that a worker killed midway leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import traceback
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from unet3d.io import Geometry, read_image, to_numpy
+from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, crop, nonzero_bbox,
+                             preprocess_arrays, to_canonical)
+
+# Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
+PREPROCESS_VERSION = 3
+FOREGROUND_SAMPLE_PER_CASE = 10_000
+TMP_PREFIX = ".tmp-"
+
+
+def _single_thread_itk() -> None:
+    import SimpleITK as sitk
+    # One Dask worker = one core: ITK's own thread pool would oversubscribe the machine.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _read_case(case: dict) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    files = list(case["image_files"]) if case.get("image_files") is not None else [case["image_path"]]
+    image = read_image(files if case.get("source_kind") == "dicom" else files[0])
+    geometry = Geometry.of(image)
+    voxels = to_numpy(image)
+    del image
+    label = None
+    if case.get("label_path"):
+        label_img = read_image(case["label_path"])
+        label = to_numpy(label_img)
+        if not np.issubdtype(label.dtype, np.integer):
+            label = np.round(label)
+        label = label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16, copy=False)
+    return voxels, label, geometry
+
+
+def content_key(case: dict) -> str:
+    import hashlib
+    text = f"{case.get('image_sha256')}|{case.get('label_sha256')}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def case_dirname(case: dict) -> str:
+    return f"{case['case_id']}__{content_key(case)}"
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
+    """Per-case statistics for planning: canonical spacing and shapes, and a foreground intensity sample."""
+    _single_thread_itk()
+    path = Path(out_dir) / f"{case_dirname(case)}.json"
+    if path.exists():
+        return {"case_id": case["case_id"], "status": "cached", "path": str(path)}
+    try:
+        image, label, geometry = _read_case(case)
+        perm, flips = canonical_axes(geometry.direction_matrix())
+        canon = canonical_geometry(geometry, perm, flips)
+        image = to_canonical(image, perm, flips)
+        label = to_canonical(label, perm, flips) if label is not None else None
+        bbox = nonzero_bbox(image != 0, *([label > 0] if label is not None else []))
+        cropped = crop(image, bbox)
+        if label is not None and (label > 0).any():
+            foreground = crop(image, bbox)[crop(label, bbox) > 0]
+        else:
+            foreground = cropped[cropped != 0] if (cropped != 0).any() else cropped.ravel()
+        foreground = foreground.astype(np.float64, copy=False)
+        rng = np.random.default_rng([seed, int(content_key(case)[:8], 16)])
+        sample = foreground if foreground.size <= FOREGROUND_SAMPLE_PER_CASE else \
+            rng.choice(foreground, FOREGROUND_SAMPLE_PER_CASE, replace=False)
+        classes = {}
+        if label is not None:
+            values, counts = np.unique(label, return_counts=True)
+            classes = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+        record = {
+            "case_id": case["case_id"],
+            "canonical_spacing": list(canon.spacing),
+            "canonical_shape": list(canon.size),
+            "cropped_shape": [b - a for a, b in bbox],
+            "crop_fraction": float(np.prod([b - a for a, b in bbox]) / max(np.prod(canon.size), 1)),
+            "foreground_sample": [float(v) for v in sample],
+            "foreground_mean": float(foreground.mean()) if foreground.size else 0.0,
+            "foreground_std": float(foreground.std()) if foreground.size else 1.0,
+            "class_voxels": classes,
+            "labelled": label is not None,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(path, record)
+        return {"case_id": case["case_id"], "status": "done", "path": str(path)}
+    except Exception as exc:  # a bad case must not stop the cohort
+        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+
+
+def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
+    """Preprocess one case with `plan` into `plan_dir/<case_id>__<content key>/`; skip it if already there."""
+    _single_thread_itk()
+    final = Path(plan_dir) / case_dirname(case)
+    if case_complete(final):
+        return {"case_id": case["case_id"], "status": "cached", "dir": str(final)}
+    if final.exists():  # left incomplete by a crash of the machine
+        shutil.rmtree(final, ignore_errors=True)
+    tmp = Path(plan_dir) / f"{TMP_PREFIX}{case_dirname(case)}-{uuid.uuid4().hex[:8]}"
+    try:
+        image, label, geometry = _read_case(case)
+        norm = plan["normalisation"]
+        normalisation = Normalisation(norm["scheme"], norm.get("clip_low"), norm.get("clip_high"), norm.get("mean"),
+                                      norm.get("std"))
+        image, label, props = preprocess_arrays(
+            image, label, geometry, plan["target_spacing"], normalisation,
+            image_order=plan["image_order"], label_mode=plan["label_mode"])
+        tmp.mkdir(parents=True)
+        np.save(tmp / "image.npy", image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
+        if label is not None:
+            np.save(tmp / "label.npy", label)
+        meta = props.to_dict()
+        meta.update(case_id=case["case_id"], image_sha256=case.get("image_sha256"),
+                    label_sha256=case.get("label_sha256"), plan_id=plan["plan_id"])
+        # Sizes let a reader recognise files truncated by a crash of the machine (no fsync: it would double
+        # the cost of a small case; a truncated case is simply preprocessed again).
+        meta["files"] = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        (tmp / "props.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, final)  # atomic: the case appears complete or not at all
+        except OSError:
+            if (final / "props.json").exists():  # another worker finished the same case first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+        _remove_stale_versions(Path(plan_dir), case["case_id"], final.name)
+        return {"case_id": case["case_id"], "status": "done", "dir": str(final),
+                "shape": list(image.shape), "peak_rss_mb": _peak_rss_mb()}
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+
+
+def case_complete(case_dir: Path) -> bool:
+    """A case folder is complete when its props.json parses and every file has the size it records."""
+    try:
+        meta = json.loads((case_dir / "props.json").read_text())
+        return all((case_dir / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _remove_stale_versions(plan_dir: Path, case_id: str, keep: str) -> None:
+    """Older versions of a case whose content changed are garbage now."""
+    prefix = f"{case_id}__"
+    for d in plan_dir.iterdir():
+        if d.name.startswith(prefix) and d.name != keep and "__" not in d.name[len(prefix):]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _describe(exc: Exception) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
+    msg = " ".join(str(exc).split())[:400]
+    return f"{type(exc).__name__}: {msg}{where}"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of `unet3d` and `data_catalog` into cached, resumable, schedulable stages."""

@@ -1,0 +1,227 @@
+"""The pipeline configuration (SPEC): a validated model whose errors name the offending key.
+
+Unknown or mistyped keys are errors (`extra="forbid"`), so `max_epoch: 10` fails loudly instead of
+silently training for the default 50 epochs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CohortConfig(_Section):
+    name: str
+    source: str | None = None  # folder to ingest; resolved against the working directory, then the config's folder
+    modality: Literal["CT", "MRI", "other"] = "other"
+    labels_dir: str | None = None  # plain-folder sources: the folder of labels matched by case id
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_component(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("cohort name must be a non-empty folder-safe name")
+        return v
+
+
+class PreprocessConfig(_Section):
+    target_spacing: Literal["auto"] | list[float] = "auto"
+    normalisation: Literal["auto", "ct", "zscore", "none"] = "auto"
+    workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    image_interpolation: Literal["linear", "cubic"] = "cubic"
+    label_interpolation: Literal["nearest", "linear"] = "linear"
+    memory_limit: str = "auto"  # per Dask worker, e.g. "4GB"
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _three_positive(cls, v):
+        if isinstance(v, list) and (len(v) != 3 or any(s <= 0 for s in v)):
+            raise ValueError("target_spacing must be 'auto' or three positive millimetre values [x, y, z]")
+        return v
+
+
+class SplitConfig(_Section):
+    ratios: list[float] = [0.8, 0.1, 0.1]
+    seed: int = 0
+    group_by: Literal["patient_id", "case_id"] = "patient_id"
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if len(v) != 3 or any(r < 0 for r in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError("ratios must be three non-negative numbers (train, val, test) summing to 1")
+        return v
+
+
+class StageConfig(_Section):
+    """One stage of the cascade. `classes` are the stage's output classes; `merge` says which source label
+    values make each of them (default: the class's own index)."""
+
+    name: str
+    classes: dict[int, str]
+    merge: dict[int, list[int]] | None = None
+    spacing_factor: float = Field(1.0, gt=0)
+    roi_from: str | None = None
+    margin_mm: float = Field(10.0, ge=0)
+    patch_size: list[int] | None = None
+    max_epochs: int | None = Field(None, ge=1)  # overrides train.max_epochs for this stage
+
+    @model_validator(mode="after")
+    def _merge_covers_classes(self):
+        if 0 in self.classes:
+            raise ValueError(f"stage {self.name}: class 0 is background and must not be listed in classes")
+        if self.merge is not None:
+            missing = set(self.classes) - set(self.merge)
+            extra = set(self.merge) - set(self.classes)
+            if missing or extra:
+                raise ValueError(f"stage {self.name}: merge keys {sorted(self.merge)} must equal classes keys {sorted(self.classes)}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 4):
+            raise ValueError(f"stage {self.name}: patch_size must be three sizes >= 4")
+        return self
+
+    def label_map(self) -> dict[int, int]:
+        """source label value -> stage class index."""
+        merge = self.merge or {k: [k] for k in self.classes}
+        return {src: dst for dst, srcs in merge.items() for src in srcs}
+
+
+class TrainConfig(_Section):
+    architecture: Literal["unet3d", "residual_unet3d", "attention_unet3d", "unet3d_plusplus"] = "unet3d"
+    features: list[int] = [16, 32, 64, 128]
+    norm: Literal["instance", "batch", "group"] = "instance"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    deep_supervision: bool = True
+    max_epochs: int = Field(50, ge=1)
+    iterations_per_epoch: int = Field(50, ge=1)
+    time_limit_min: float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(2, ge=1)
+    patch_size: list[int] | None = None  # default: planned from the data
+    max_patch_voxels: int = Field(128 * 128 * 128, ge=4096)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float | None = Field(None, gt=0)  # default 1e-2 for sgd, 3e-3 for adamw
+    weight_decay: float = Field(3e-5, ge=0)
+    foreground_oversample: float = Field(0.33, ge=0, le=1)
+    augment: bool = True
+    val_every: int = Field(1, ge=1)
+    val_max_cases: int | None = Field(None, ge=1)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    compile: bool = False
+    deterministic: bool = False
+    roi_jitter_mm: float = Field(6.0, ge=0)  # cascade stage 2: random shift of the reference ROI box
+
+
+class InferConfig(_Section):
+    overlap: float = Field(0.5, ge=0, lt=1)
+    tta: bool = False
+    batch_size: int = Field(4, ge=1)
+    splits: list[Literal["train", "val", "test"]] = ["val", "test"]
+
+
+class EvaluateConfig(_Section):
+    n_boot: int = Field(1000, ge=0)
+    lesion_connectivity: Literal[6, 18, 26] = 26
+
+
+class PipelineConfig(_Section):
+    cohort: CohortConfig
+    labels: dict[int, str] | None = None
+    preprocess: PreprocessConfig = PreprocessConfig()
+    split: SplitConfig = SplitConfig()
+    stages: list[StageConfig] | None = None
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _stages_consistent(self):
+        if self.stages is None:
+            return self
+        if not 1 <= len(self.stages) <= 2:
+            raise ValueError("stages: one entry (single stage) or two (cascade)")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        if self.stages[0].roi_from is not None:
+            raise ValueError(f"stages.0.roi_from: the first stage has no earlier stage to take an ROI from")
+        if len(self.stages) == 2 and self.stages[1].roi_from not in (None, self.stages[0].name):
+            raise ValueError(f"stages.1.roi_from: must name stage {self.stages[0].name!r}, got {self.stages[1].roi_from!r}")
+        if self.labels:
+            for s in self.stages:
+                unknown = sorted(set(s.label_map()) - set(self.labels))
+                if unknown:
+                    raise ValueError(f"stages.{s.name}.merge: label values {unknown} are not among labels {sorted(self.labels)}")
+        return self
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages; without a `stages` section, one stage segmenting every declared label."""
+        if self.stages:
+            return list(self.stages)
+        if not self.labels:
+            raise ConfigError("stages: give a stages section or a labels section (one stage then segments every label)")
+        return [StageConfig(name="final", classes=dict(self.labels))]
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        value = getattr(self, name)
+        if isinstance(value, list):
+            return {"items": [v.model_dump(mode="json") for v in value]}
+        return value.model_dump(mode="json") if value is not None else {}
+
+
+def _format_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+        else:
+            parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path | None = None) -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config must be a YAML mapping with at least a 'cohort' section")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {_format_error(exc)}") from None
+    if cfg.cohort.source is not None:
+        cfg.cohort.source = _resolve(cfg.cohort.source, base_dir)
+    if cfg.cohort.labels_dir is not None:
+        cfg.cohort.labels_dir = _resolve(cfg.cohort.labels_dir, base_dir)
+    return cfg
+
+
+def _resolve(path: str, base_dir: str | Path | None) -> str:
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return str(p)
+    if p.exists() or base_dir is None:
+        return str(p.resolve())
+    alt = Path(base_dir) / p
+    return str(alt.resolve() if alt.exists() else p.resolve())
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data or {}, base_dir=path.parent)

@@ -1,0 +1,168 @@
+"""Image I/O through SimpleITK: files (NIfTI, NRRD, MHA, ...) and DICOM series, headers without voxels,
+numpy conversion in (x, y, z) order, and atomic writes.
+
+SimpleITK's `GetArrayFromImage` returns (z, y, x); every array leaving this module is (x, y, z) so that
+array axes, `size` and `spacing` all share one order.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's voxels sit in physical space (LPS, millimetres), in (x, y, z) order."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major 3x3 (or NxN) direction cosines, as SimpleITK gives them
+
+    @classmethod
+    def of(cls, image_or_reader) -> "Geometry":
+        return cls(
+            size=tuple(int(s) for s in image_or_reader.GetSize()),
+            spacing=tuple(float(s) for s in image_or_reader.GetSpacing()),
+            origin=tuple(float(o) for o in image_or_reader.GetOrigin()),
+            direction=tuple(float(d) for d in image_or_reader.GetDirection()),
+        )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(
+            size=tuple(int(v) for v in d["size"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    geometry: Geometry
+    pixel_type: str  # e.g. "32-bit float"
+    components: int
+    tags: dict[str, str]  # DICOM tags we care about (PatientID, SeriesInstanceUID, Modality); empty for files
+
+
+def is_image_file(path: str | Path) -> bool:
+    name = str(path).lower()
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def strip_image_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_header(path: str | Path) -> HeaderInfo:
+    """Header of an image file, without reading voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return HeaderInfo(
+        geometry=Geometry.of(reader),
+        pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+        components=int(reader.GetNumberOfComponents()),
+        tags={},
+    )
+
+
+_DICOM_TAGS = {"0010|0020": "PatientID", "0020|000e": "SeriesInstanceUID", "0008|0060": "Modality",
+               "0020|0011": "SeriesNumber", "0008|103e": "SeriesDescription"}
+
+
+def dicom_series(folder: str | Path) -> list[tuple[str, list[str]]]:
+    """The DICOM series directly inside `folder`: [(series_uid, sorted slice files)], slices in GDCM order."""
+    reader = sitk.ImageSeriesReader()
+    out = []
+    for uid in reader.GetGDCMSeriesIDs(str(folder)):
+        files = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        if files:
+            out.append((uid, files))
+    return out
+
+
+def read_dicom_tags(first_file: str | Path) -> dict[str, str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(first_file))
+    reader.LoadPrivateTagsOff()
+    reader.ReadImageInformation()
+    tags = {}
+    for key, name in _DICOM_TAGS.items():
+        if reader.HasMetaDataKey(key):
+            tags[name] = reader.GetMetaData(key).strip()
+    return tags
+
+
+def read_image(source: str | Path | Sequence[str]) -> sitk.Image:
+    """Read a file, or a DICOM series given as its list of slice files (or a folder holding one series)."""
+    if isinstance(source, (list, tuple)):
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in source])
+        return reader.Execute()
+    path = Path(source)
+    if path.is_dir():
+        series = dicom_series(path)
+        if len(series) != 1:
+            raise ValueError(f"{path}: expected one DICOM series, found {len(series)}")
+        return read_image(series[0][1])
+    return sitk.ReadImage(str(path))
+
+
+def to_numpy(image: sitk.Image, dtype=None) -> np.ndarray:
+    """Voxels as an (x, y, z) array (a transposed copy of SimpleITK's (z, y, x) view)."""
+    arr = sitk.GetArrayViewFromImage(image)
+    arr = np.ascontiguousarray(arr.transpose(tuple(reversed(range(arr.ndim)))))
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def from_numpy(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """An (x, y, z) array placed on `geometry`."""
+    if tuple(array.shape) != tuple(geometry.size):
+        raise ValueError(f"array shape {array.shape} does not match geometry size {geometry.size}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(tuple(reversed(range(array.ndim))))))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=compress)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
