@@ -1,0 +1,293 @@
+"""The `unet3d` command line (SPEC): demo, ingest, run, per-stage commands, predict, report, serve.
+
+Every command takes --workspace (default $UNET3D_WORKSPACE, else ./workspace), shows progress bars for long
+work, and on failure exits non-zero with a one-line reason.
+"""
+from __future__ import annotations
+
+from flows.settings import apply_defaults
+
+apply_defaults()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+STAGE_COMMANDS = ("preprocess", "split", "train", "infer", "evaluate")
+STAGE_NAMES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
+
+DEMO_CONFIG = """\
+# The built-in demo: a synthetic CT phantom cohort (an organ holding 0-3 lesions), a two-stage cascade.
+cohort: {{name: demo, source: {source}, modality: CT}}
+labels: {{1: organ, 2: lesion}}
+preprocess: {{target_spacing: auto, normalisation: auto, workers: 2}}
+split: {{ratios: [0.8, 0.1, 0.1], seed: 0, group_by: patient_id}}
+stages:
+  - {{name: organ, classes: {{1: organ}}, merge: {{1: [1, 2]}}, spacing_factor: 2.0}}
+  - {{name: lesion, classes: {{1: lesion}}, merge: {{1: [2]}}, roi_from: organ, margin_mm: 10}}
+train: {{architecture: unet3d, features: [16, 32, 64, 128], max_epochs: {epochs}, iterations_per_epoch: 20, batch_size: 2}}
+infer: {{overlap: 0.5, tta: false, splits: [val, test]}}
+evaluate: {{n_boot: 500}}
+"""
+
+
+def _workspace_arg(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    # On subcommands the default is SUPPRESS, so that `unet3d --workspace W run ...` is not reset to None.
+    parser.add_argument("--workspace", default=None if top else argparse.SUPPRESS,
+                        help="workspace folder (default: $UNET3D_WORKSPACE, else ./workspace)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unet3d", description="3D U-Net segmentation pipeline: ingest, preprocess, "
+                                     "split, train, cascade inference, evaluation, Parquet reports.")
+    _workspace_arg(parser, top=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="generate the synthetic phantom cohort and run the whole pipeline on it")
+    _workspace_arg(p)
+    p.add_argument("--cases", type=int, default=24, help="number of synthetic cases (default 24)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs per stage (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("ingest", help="add a cohort to the catalog (only new or changed cases are read)")
+    _workspace_arg(p)
+    p.add_argument("source", help="MSD/nnU-Net folder, plain image folder, or folder of DICOM series")
+    p.add_argument("--cohort", required=True, help="cohort name")
+    p.add_argument("--labels", default=None, help="folder of labels matched to images by case id (plain folders)")
+    p.add_argument("--modality", choices=["CT", "MRI", "other"], default=None)
+
+    p = sub.add_parser("run", help="the whole pipeline: ingest -> preprocess -> split -> train -> infer -> evaluate -> report")
+    _workspace_arg(p)
+    p.add_argument("config", help="YAML config (see README)")
+    p.add_argument("--refresh", action="append", choices=STAGE_NAMES, default=[],
+                   help="recompute this stage and everything after it (repeatable)")
+
+    for name in STAGE_COMMANDS:
+        p = sub.add_parser(name, help=f"the {name} stage, with the stages it needs (from cache where done)")
+        _workspace_arg(p)
+        p.add_argument("config")
+        p.add_argument("--refresh", action="append", choices=STAGE_NAMES, default=[])
+
+    p = sub.add_parser("predict", help="segment new scans (files or DICOM folders) with a trained cascade")
+    _workspace_arg(p)
+    p.add_argument("--model", required=True, metavar="RUN_ID", help="run id (see `unet3d report`)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+
+    p = sub.add_parser("report", help="print the summary table of a run (default: the latest)")
+    _workspace_arg(p)
+    p.add_argument("--run", default=None, metavar="RUN_ID")
+
+    p = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
+    _workspace_arg(p)
+    p.add_argument("config")
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 2 * * *"')
+    p.add_argument("--timezone", default=os.environ.get("TZ", "UTC"), help="IANA timezone of the schedule (default $TZ or UTC)")
+    p.add_argument("--name", default="nightly", help="deployment name (default nightly)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("distributed", "tornado", "asyncio", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"unet3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; -v shows the traceback
+        if args.verbose:
+            raise
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"unet3d {args.command}: error: {reason}", file=sys.stderr)
+        return 1
+
+
+def _workspace(args) -> str:
+    from flows.pipeline import resolve_workspace
+    return resolve_workspace(args.workspace)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def cmd_ingest(args) -> int:
+    from tqdm.auto import tqdm
+
+    from data_catalog.ingest import ingest
+
+    ws = _workspace(args)
+    result = ingest(args.source, args.cohort, ws, labels=args.labels, modality=args.modality,
+                    workers=min(2, os.cpu_count() or 1), progress=lambda it, **kw: tqdm(it, leave=False, **kw))
+    print(result.summary())
+    from data_catalog.tables import Catalog
+    issues = Catalog(ws).read("issues")
+    issues = issues[issues["cohort"] == args.cohort]
+    for r in issues.sort_values(["severity", "case_id"]).to_dict("records"):
+        print(f"  {r['severity']:7s} {r['case_id']}: {r['code']}: {r['message']}")
+    print(f"catalog: {result.cases_path}\nissues:  {result.issues_path}")
+    return 0
+
+
+def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
+    from flows.pipeline import pipeline_flow
+
+    t0 = time.perf_counter()
+    results = pipeline_flow(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)
+    _print_run(results, time.perf_counter() - t0)
+    return results
+
+
+def _print_run(results: dict, seconds: float) -> None:
+    print("\nstage        status     seconds  key")
+    for name in STAGE_NAMES:
+        r = results.get(name)
+        if r is None:
+            continue
+        for item in (r if isinstance(r, list) else [r]):
+            label = name if name != "train" else f"train-{item.get('stage_name')}"
+            status = "cached" if item.get("cached") else "computed"
+            print(f"{label:12s} {status:9s} {item.get('stage_seconds', 0):8.1f}  {item.get('key', '')[:12]}")
+    print(f"total {seconds:.1f} s")
+    ws = results["workspace"]
+    if "report" in results:
+        r = results["report"]
+        print(f"\n{r['table']}\n")
+        print(f"run id:      {r['run_id']}")
+        print(f"metrics:     {ws}/reports/metrics   (pandas.read_parquet reads every run)")
+        print(f"summary:     {ws}/reports/summary")
+        print(f"report:      {r['report_md']}")
+        print(f"predictions: {ws}/predictions/{r['run_id']}")
+    else:
+        print(f"workspace:   {ws}")
+
+
+def cmd_run(args) -> int:
+    _run_pipeline(args.config, _workspace(args), args.refresh, "report")
+    return 0
+
+
+def _stage_command(stage: str):
+    def run(args) -> int:
+        _run_pipeline(args.config, _workspace(args), args.refresh, stage)
+        return 0
+    return run
+
+
+def cmd_demo(args) -> int:
+    from data_catalog.demo import generate_demo_cohort
+
+    ws = Path(_workspace(args))
+    if args.cases < 10:
+        raise ValueError("--cases must be at least 10 (the split needs train, val and test cases)")
+    source = ws / "demo" / "cohort"
+    print(f"generating {args.cases} synthetic phantom cases in {source}")
+    generate_demo_cohort(source, n_cases=args.cases, seed=args.seed)
+    config = ws / "demo" / "demo.yaml"
+    text = DEMO_CONFIG.format(source=source, epochs=args.epochs)
+    if not config.exists() or config.read_text() != text:
+        config.write_text(text)
+    print(f"config: {config}")
+    _run_pipeline(str(config), str(ws), [], "report")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from flows.stages import run_record_path
+    from unet3d.inference import StageModel, run_cascade
+    from unet3d.io import Geometry, from_numpy, read_image, strip_image_suffix, to_numpy, write_image_atomic
+
+    ws = _workspace(args)
+    record_path = run_record_path(ws, args.model)
+    if not record_path.exists():
+        runs = sorted(p.stem for p in record_path.parent.glob("*.json")) if record_path.parent.exists() else []
+        raise ValueError(f"no run {args.model!r} in {ws}/runs" + (f"; runs: {', '.join(runs)}" if runs else ""))
+    record = json.loads(record_path.read_text())
+    stages = record["stages"]
+    models = [StageModel.load(s["model_dir"], device=args.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
+              for s in stages]
+    plans = [s["plan"] for s in stages]
+    overlap = record["config"]["infer"]["overlap"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for inp in tqdm(args.inputs, desc="predict", unit="scan", leave=False):
+        path = Path(inp)
+        name = path.name if path.is_dir() else strip_image_suffix(path.name)
+        try:
+            image = read_image(path)
+            if image.GetDimension() != 3:
+                raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
+            geometry = Geometry.of(image)
+            result, _ = run_cascade(to_numpy(image), geometry, models, plans, overlap=overlap, tta=args.tta)
+        except Exception as exc:  # one bad scan does not stop the others
+            failures += 1
+            print(f"  {inp}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            continue
+        for w in result.warnings:
+            print(f"  {inp}: warning: {w}", file=sys.stderr)
+        names = [s["name"] for s in stages]
+        for stage_name, labels in result.labels.items():
+            suffix = "" if stage_name == names[-1] else f"_{stage_name}"
+            target = out / f"{name}{suffix}.nii.gz"
+            write_image_atomic(from_numpy(labels.astype("uint8"), geometry), target)
+            print(f"  {inp} -> {target}")
+    print(f"predictions of run {args.model} in {out}")
+    if failures:
+        raise RuntimeError(f"{failures} of {len(args.inputs)} inputs failed (see above)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from unet3d.report import format_summary, latest_run_id, read_table
+
+    ws = Path(_workspace(args))
+    root = ws / "reports" / "summary"
+    run_id = args.run or latest_run_id(root)
+    if run_id is None:
+        raise ValueError(f"no run reported yet in {root}; run `unet3d run CONFIG` first")
+    summary = read_table(root, run_id)
+    if summary.empty:
+        raise ValueError(f"no summary for run {run_id!r} in {root}")
+    print(f"run {run_id} ({summary['run_date'].iloc[0]})")
+    print(format_summary(summary))
+    md = ws / "reports" / "runs" / run_id / "report.md"
+    if md.exists():
+        print(f"report: {md}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from prefect.schedules import Cron
+
+    from flows.pipeline import pipeline_flow
+    from unet3d.config import load_config
+
+    load_config(args.config)  # fail now, not at 2 am
+    ws = _workspace(args)
+    print(f"serving deployment unet3d-pipeline/{args.name}: cron '{args.cron}' ({args.timezone}), workspace {ws}")
+    pipeline_flow.serve(name=args.name, schedule=Cron(args.cron, timezone=args.timezone),
+                        parameters={"config_path": str(Path(args.config).resolve()), "workspace": ws},
+                        description="Nightly unet3d pipeline", limit=1)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
+            "serve": cmd_serve, **{name: _stage_command(name) for name in STAGE_COMMANDS}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Prefect flows: one per stage, and the pipeline flow that chains them.
+
+ingest -> preprocess (Dask) -> split -> train (one task per cascade stage) -> infer -> evaluate -> report
+
+Every stage is a Prefect task whose cache key is the stage key of flows/caching.py and whose result (small:
+paths, hashes, counts) is persisted in the workspace. A stage is called with `refresh_cache` when the user
+asked for it (`--refresh STAGE` refreshes that stage and everything downstream) or when its completion
+marker or outputs are missing. Inside a stage the work is resumable on its own (preprocessing per case,
+training from the last checkpoint, inference per case), so whatever stopped a run, running it again
+recomputes nothing that completed.
+"""
+from __future__ import annotations
+
+from flows.settings import apply_defaults
+
+apply_defaults()
+
+import errno  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from unet3d.config import PipelineConfig, load_config  # noqa: E402
+
+from . import stages as S  # noqa: E402
+from .caching import DOWNSTREAM, STAGES, marker_valid, results_dir  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# Caching and retry policy, for every stage task
+# ---------------------------------------------------------------------------------------------------------
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ESTALE, errno.EBUSY}
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (network file systems, busy files); a bug or bad data fails at once."""
+    try:
+        state.result()
+    except (TimeoutError, ConnectionError):
+        return True
+    except OSError as exc:
+        return exc.errno in TRANSIENT_ERRNOS
+    except BaseException:
+        return False
+    return False
+
+
+def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
+    return parameters["key"]
+
+
+STAGE_TASK_OPTIONS = dict(cache_key_fn=_key_from_parameters, persist_result=True, retries=2, retry_delay_seconds=10,
+                          retry_condition_fn=is_transient, cache_result_in_memory=False)
+
+
+@task(name="ingest", **STAGE_TASK_OPTIONS)
+def ingest_task(key: str, workspace: str, cfg: dict) -> dict:
+    return S.run_ingest(workspace, cfg, key)
+
+
+@task(name="preprocess", **STAGE_TASK_OPTIONS)
+def preprocess_task(key: str, workspace: str, cfg: dict, replan: bool = False) -> dict:
+    return S.run_preprocess(workspace, cfg, key, refresh=replan)
+
+
+@task(name="split", **STAGE_TASK_OPTIONS)
+def split_task(key: str, workspace: str, cfg: dict) -> dict:
+    return S.run_split(workspace, cfg, key)
+
+
+@task(name="train", **STAGE_TASK_OPTIONS)
+def train_task(key: str, workspace: str, cfg: dict, stage: dict, preprocess: dict) -> dict:
+    return S.run_train(workspace, cfg, key, stage, preprocess)
+
+
+@task(name="infer", **STAGE_TASK_OPTIONS)
+def infer_task(key: str, workspace: str, cfg: dict, trains: list[dict], preprocess: dict) -> dict:
+    return S.run_infer(workspace, cfg, key, trains, preprocess)
+
+
+@task(name="evaluate", **STAGE_TASK_OPTIONS)
+def evaluate_task(key: str, workspace: str, cfg: dict, infer: dict) -> dict:
+    return S.run_evaluate(workspace, cfg, key, infer)
+
+
+@task(name="report", **STAGE_TASK_OPTIONS)
+def report_task(key: str, workspace: str, cfg: dict, evaluate: dict) -> dict:
+    return S.run_report(workspace, cfg, key, evaluate)
+
+
+def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refresh_stages: set[str],
+          task_kwargs: dict[str, Any]) -> dict:
+    """Run a stage task through the cache; log hit or miss, start and end."""
+    logger = get_run_logger()
+    forced = stage in refresh_stages
+    stale = not marker_valid(workspace, marker_name, key)
+    t0 = time.perf_counter()
+    logger.info("stage %s: start (key %s)", marker_name, key[:12])
+    configured = task_fn.with_options(result_storage=results_dir(workspace), refresh_cache=forced or stale,
+                                      task_run_name=marker_name)
+    state = configured(key=key, workspace=workspace, return_state=True, **task_kwargs)
+    result = state.result()  # raises the stage's exception if it failed
+    cached = state.name == "Cached"
+    seconds = time.perf_counter() - t0
+    logger.info("stage %s: %s in %.1f s", marker_name, "cache hit" if cached else
+                ("recomputed (--refresh)" if forced else "cache miss, computed"), seconds)
+    return dict(result, cached=cached, stage_seconds=round(seconds, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One flow per stage
+# ---------------------------------------------------------------------------------------------------------
+@flow(name="ingest")
+def ingest_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
+    return _call("ingest", "ingest", ingest_task, S.key_ingest(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
+
+
+@flow(name="preprocess")
+def preprocess_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
+    refresh_set = set(refresh or [])
+    return _call("preprocess", "preprocess", preprocess_task, S.key_preprocess(workspace, cfg), workspace, refresh_set,
+                 dict(cfg=cfg, replan="preprocess" in refresh_set))
+
+
+@flow(name="split")
+def split_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
+    return _call("split", "split", split_task, S.key_split(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
+
+
+@flow(name="train")
+def train_flow(workspace: str, cfg: dict, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
+    out = []
+    for stage in S._stages(cfg):
+        key = S.key_train(workspace, cfg, stage, preprocess)
+        out.append(_call("train", f"train-{stage['name']}", train_task, key, workspace, set(refresh or []),
+                         dict(cfg=cfg, stage=stage, preprocess=preprocess)))
+    return out
+
+
+@flow(name="infer")
+def infer_flow(workspace: str, cfg: dict, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
+    return _call("infer", "infer", infer_task, S.key_infer(workspace, cfg, trains, preprocess), workspace,
+                 set(refresh or []), dict(cfg=cfg, trains=trains, preprocess=preprocess))
+
+
+@flow(name="evaluate")
+def evaluate_flow(workspace: str, cfg: dict, infer: dict, refresh: list[str] | None = None) -> dict:
+    return _call("evaluate", "evaluate", evaluate_task, S.key_evaluate(cfg, infer), workspace, set(refresh or []),
+                 dict(cfg=cfg, infer=infer))
+
+
+@flow(name="report")
+def report_flow(workspace: str, cfg: dict, evaluate: dict, refresh: list[str] | None = None) -> dict:
+    result = _call("report", "report", report_task, S.key_report(cfg, evaluate), workspace, set(refresh or []),
+                   dict(cfg=cfg, evaluate=evaluate))
+    _publish_artifacts(result)
+    return result
+
+
+def _publish_artifacts(result: dict) -> None:
+    """The summary table as Prefect artifacts (visible in the UI next to the flow run)."""
+    import pandas as pd
+
+    summary = pd.read_parquet(result["summary_path"])
+    keep = summary[summary["metric"].isin(["dice", "iou", "precision", "recall", "specificity", "hd95_mm"])]
+    rows = keep[["stage", "split", "class_name", "metric", "n_cases", "mean", "ci_low", "ci_high", "pooled"]]
+    rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    key = "".join(c if c.isalnum() else "-" for c in result["run_id"].lower())
+    create_table_artifact(rows, key=f"summary-{key}"[:100], description=f"Metric summary of run {result['run_id']}")
+    create_markdown_artifact(f"```\n{result['table']}\n```\n\nFull report: `{result['report_md']}`",
+                             key=f"report-{key}"[:100], description=f"Run {result['run_id']}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------
+def resolve_workspace(workspace: str | None) -> str:
+    import os
+    return str(Path(workspace or os.environ.get("UNET3D_WORKSPACE") or "workspace").expanduser().resolve())
+
+
+def expand_refresh(refresh: list[str] | None) -> list[str]:
+    """--refresh STAGE recomputes that stage and every stage after it."""
+    out: set[str] = set()
+    for stage in refresh or []:
+        if stage not in DOWNSTREAM:
+            raise ValueError(f"--refresh: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        out.update(DOWNSTREAM[stage])
+    return sorted(out, key=STAGES.index)
+
+
+@flow(name="unet3d-pipeline", log_prints=True)
+def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[str] | None = None,
+                  until: str = "report") -> dict:
+    """ingest -> preprocess -> split -> train -> infer -> evaluate -> report, each stage from cache when done.
+
+    config_path: the YAML config (SPEC); workspace: default $UNET3D_WORKSPACE, else ./workspace;
+    refresh: stages to recompute (with everything downstream); until: the last stage to run.
+    """
+    logger = get_run_logger()
+    ws = resolve_workspace(workspace)
+    cfg_model: PipelineConfig = load_config(config_path)
+    cfg = cfg_model.model_dump(mode="json")
+    cfg["stages"] = S._stages(cfg)
+    refresh_list = expand_refresh(refresh)
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    last = STAGES.index(until)
+    logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg["cohort"]["name"], ws,
+                f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
+    results: dict[str, Any] = {"workspace": ws}
+    results["ingest"] = ingest_flow(ws, cfg, refresh_list)
+    if last >= 1:
+        results["preprocess"] = preprocess_flow(ws, cfg, refresh_list)
+    if last >= 2:
+        results["split"] = split_flow(ws, cfg, refresh_list)
+    if last >= 3:
+        results["train"] = train_flow(ws, cfg, results["preprocess"], refresh_list)
+    if last >= 4:
+        results["infer"] = infer_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
+    if last >= 5:
+        results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
+    if last >= 6:
+        results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
+    return results

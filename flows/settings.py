@@ -1,0 +1,22 @@
+"""Prefect settings this project needs, applied before Prefect is imported (Prefect reads them at import)."""
+from __future__ import annotations
+
+import os
+
+DEFAULTS = {
+    # The ephemeral API server starts a subprocess; on 2-core machines it can take over 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # Library logs (per-case failures, training progress) reach the Prefect UI too, not only the console.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "data_catalog,unet3d,flows",
+    # Exceptions in stages are reported by the CLI in one line; Prefect's own traceback stays in its log.
+    "PREFECT_LOGGING_LEVEL": "INFO",
+    # Stage results are persisted by the tasks that want it (into the workspace), nothing else.
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+}
+
+
+def apply_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # Many Prefect 3 releases print a notice when the telemetry endpoint is unreachable (no network here).
+    os.environ.setdefault("DO_NOT_TRACK", "1")

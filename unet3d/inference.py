@@ -1,0 +1,155 @@
+"""Cascaded inference: trained stage models applied to a case, results on the case's original grid.
+
+Stage 1 ("roi") sees the whole volume at its coarse spacing; its foreground (connected components, noise
+removed) gives a bounding box, grown by `margin_mm`; stage 2 segments inside that box at full resolution and
+is pasted back. A single-stage model is the same code without the crop. Every prediction is mapped back
+through the stored preprocessing properties (undo resampling, crop and reorientation) so that it has
+exactly the input's size, spacing, origin and direction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .io import Geometry
+from .resample import CaseProperties, Normalisation, invert_probabilities, preprocess_arrays, resample_to_shape
+from .sliding_window import sliding_window_predict
+from .train import build_model_from_config, pick_device
+
+log = logging.getLogger(__name__)
+
+# Components of the stage-1 mask smaller than this fraction of the largest are noise, not anatomy.
+MIN_COMPONENT_FRACTION = 0.05
+MIN_COMPONENT_VOXELS = 8
+
+
+@dataclass
+class StageModel:
+    """A trained stage, ready to predict: network in eval mode plus what it was trained with."""
+
+    name: str
+    network: torch.nn.Module
+    patch_size: list[int]
+    classes: dict[int, str]
+    label_map: dict[int, int]
+    spacing: list[float]
+    margin_mm: float | None
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.classes) + 1
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device = "auto", checkpoint: str = "checkpoint_best.pt",
+             margin_mm: float | None = None) -> "StageModel":
+        model_dir = Path(model_dir)
+        meta = json.loads((model_dir / "model.json").read_text())
+        dev = pick_device(device) if isinstance(device, str) else device
+        network = build_model_from_config(meta["model"])
+        state = torch.load(model_dir / checkpoint, map_location="cpu", weights_only=True)
+        network.load_state_dict(state["model"])
+        network.to(dev).eval()
+        roi = meta.get("roi") or {}
+        return cls(meta["stage"], network, list(meta["patch_size"]), {int(k): v for k, v in meta["classes"].items()},
+                   {int(k): int(v) for k, v in meta["label_map"].items()}, list(meta["spacing"]),
+                   margin_mm if margin_mm is not None else roi.get("margin_mm"), dev)
+
+    def predict(self, image: np.ndarray, overlap: float = 0.5, tta: bool = False, batch_size: int = 4) -> np.ndarray:
+        """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (1, X, Y, Z)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        probs = sliding_window_predict(self.network, tensor, self.patch_size, self.num_classes, overlap=overlap,
+                                       batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else None,
+                                       device=self.device)
+        return probs.numpy()
+
+
+def plan_normalisation(plan: dict) -> Normalisation:
+    n = plan["normalisation"]
+    return Normalisation(n["scheme"], n.get("clip_low"), n.get("clip_high"), n.get("mean"), n.get("std"))
+
+
+def preprocess_for_plan(image: np.ndarray, geometry: Geometry, plan: dict) -> tuple[np.ndarray, CaseProperties]:
+    """A raw (x, y, z) image preprocessed exactly as the plan's training cases were."""
+    pre, _, props = preprocess_arrays(image, None, geometry, plan["target_spacing"], plan_normalisation(plan),
+                                      image_order=plan["image_order"], label_mode=plan["label_mode"])
+    return pre[None], props
+
+
+def roi_from_mask(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[list[int]] | None:
+    """Bounding box of the mask's significant connected components, grown by margin_mm, clipped."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= max(MIN_COMPONENT_VOXELS, MIN_COMPONENT_FRACTION * sizes.max())) + 1
+    if keep.size == 0:
+        keep = np.array([int(np.argmax(sizes)) + 1])
+    kept = np.isin(labels, keep)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(kept.any(axis=other))
+        m = int(math.ceil(margin_mm / spacing[axis]))
+        box.append([max(0, int(hit[0]) - m), min(mask.shape[axis], int(hit[-1]) + 1 + m)])
+    return box
+
+
+@dataclass
+class CascadeOutput:
+    labels: dict[str, np.ndarray]  # stage name -> label map on the original (x, y, z) grid, stage classes
+    roi_box: list[list[int]] | None  # stage-2 crop on the stage-2 preprocessed grid (None: no ROI found)
+    warnings: list[str]
+
+
+def run_cascade(image: np.ndarray, geometry: Geometry, stages: Sequence[StageModel], plans: Sequence[dict],
+                overlap: float = 0.5, tta: bool = False, batch_size: int = 4,
+                stage1_probs: np.ndarray | None = None) -> tuple[CascadeOutput, np.ndarray]:
+    """Segment one raw (x, y, z) image: preprocess it with each stage's plan, then `cascade`."""
+    inputs = [preprocess_for_plan(image, geometry, plan) for plan in plans]
+    return cascade(inputs, stages, overlap, tta, batch_size, stage1_probs)
+
+
+def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequence[StageModel], overlap: float = 0.5,
+            tta: bool = False, batch_size: int = 4,
+            stage1_probs: np.ndarray | None = None) -> tuple[CascadeOutput, np.ndarray]:
+    """Segment one case given, per stage, its preprocessed image (1, X, Y, Z) and properties.
+
+    `stage1_probs`: stage 1's probabilities from an earlier run (the stage-1 cache); they are returned as the
+    second value so that the caller can cache them.
+    """
+    warnings: list[str] = []
+    first = stages[0]
+    pre1, props1 = inputs[0]
+    probs1 = stage1_probs if stage1_probs is not None else first.predict(pre1, overlap, tta, batch_size)
+    labels = {first.name: invert_probabilities(probs1, props1)}
+    if len(stages) == 1:
+        return CascadeOutput(labels, None, warnings), probs1
+
+    second = stages[1]
+    pre2, props2 = inputs[1]
+    grid2 = pre2.shape[1:]
+    # Both grids cover the same cropped physical box (the crop is decided before resampling), so stage 1's
+    # probabilities map onto stage 2's grid by resampling alone.
+    fg1 = 1.0 - resample_to_shape(np.asarray(probs1[0], dtype=np.float32), grid2, 1)
+    box = roi_from_mask(fg1 > 0.5, props2.effective_spacing, second.margin_mm or 0.0)
+    if box is None:
+        warnings.append(f"stage {first.name} found no foreground: stage {second.name} prediction is empty")
+        labels[second.name] = np.zeros(tuple(props2.original["size"]), dtype=np.uint8)
+        return CascadeOutput(labels, None, warnings), probs1
+    sl = tuple(slice(a, b) for a, b in box)
+    crop_probs = second.predict(pre2[(slice(None), *sl)], overlap, tta, batch_size)
+    # Outside the crop the answer is background: probability 1 for class 0.
+    full = np.zeros((second.num_classes, *grid2), dtype=np.float32)
+    full[0] = 1.0
+    full[(slice(None), *sl)] = crop_probs
+    labels[second.name] = invert_probabilities(full, props2)
+    return CascadeOutput(labels, box, warnings), probs1

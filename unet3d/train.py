@@ -1,0 +1,505 @@
+"""The training engine: one stage of a cascade (or a single-stage model) from preprocessed cases.
+
+Read top to bottom: TrainSpec (what to train) -> data -> network, loss, optimiser -> resume -> epoch loop
+(sample, augment on the device, forward under autocast, Dice+CE, step, poly LR) -> sliding-window
+validation -> atomic checkpoints, Parquet log, learning curve.
+
+Determinism and exact resume: every epoch re-seeds its random streams from (seed, rank, epoch), and the
+latest checkpoint (written atomically at the end of every epoch) holds model, optimiser, scaler, epoch,
+RNG states and the log. A run killed at any point restarts from the end of its last finished epoch and,
+on CPU with deterministic algorithms, ends with the same weights as an uninterrupted run.
+
+Multi-GPU: `torchrun --nproc_per_node N -m unet3d.train SPEC.json` runs DDP (NCCL on CUDA, gloo on CPU);
+rank 0 validates and writes. Pure PyTorch: no Prefect here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .augment import AugmentConfig, BatchAugmenter
+from .losses import DeepSupervisionLoss, DiceCELoss
+from .models import build_network, count_parameters, plan_topology
+from .sampling import IGNORE_INDEX, CaseData, PatchSampler, load_case, plan_patch_size
+from .sliding_window import sliding_window_predict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What to train
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainSpec:
+    """Everything a training run needs, JSON-serialisable (the flow writes it next to the checkpoints so
+    that `torchrun -m unet3d.train SPEC.json` can run the same training on several GPUs)."""
+
+    out_dir: str
+    train_cases: list[str]  # preprocessed case folders
+    val_cases: list[str]
+    classes: dict[int, str]  # stage classes 1..K-1 (0 is background)
+    label_map: dict[int, int]  # source label value -> stage class
+    train: dict  # unet3d.config.TrainConfig as a dict
+    stage: str = "final"
+    roi: dict | None = None  # {"label_values": [...], "margin_mm": float} for a cascade's second stage
+    patch_size: list[int] | None = None
+    overlap: float = 0.5
+    spacing: list[float] | None = None  # the preprocessed grid's spacing; default: from the first case
+
+    @property
+    def num_classes(self) -> int:
+        return max(int(k) for k in self.classes) + 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainSpec":
+        d = json.loads(text)
+        d["classes"] = {int(k): v for k, v in d["classes"].items()}
+        d["label_map"] = {int(k): int(v) for k, v in d["label_map"].items()}
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """What makes a checkpoint resumable by this spec (not the epoch or time budgets)."""
+        train = {k: v for k, v in self.train.items() if k not in ("max_epochs", "time_limit_min", "threads")}
+        return {"train_cases": sorted(Path(c).name for c in self.train_cases), "classes": self.classes,
+                "label_map": self.label_map, "train": train, "roi": self.roi, "patch_size": self.patch_size}
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    best_checkpoint: str
+    latest_checkpoint: str
+    model_json: str
+    log_path: str
+    curve_path: str
+    epochs: int
+    best_epoch: int
+    best_val_dice: float | None
+    seconds: float
+    resumed_from_epoch: int | None = None
+    stopped_by: str = "max_epochs"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------------------------------------
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(requested)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); plain float32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def poly_lr(base_lr: float, progress: float, exponent: float = 0.9) -> float:
+    return base_lr * max(0.0, 1.0 - min(progress, 1.0)) ** exponent
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 7919 + epoch * 104_729) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+              "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.asarray(states["numpy"], dtype=np.uint32), *np_state[2:]))
+    py_state = random.getstate()
+    random.setstate((py_state[0], tuple(states["python"]), py_state[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: the same sliding window as inference, on whole validation cases
+# ---------------------------------------------------------------------------------------------------------
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Dice per class; both empty counts as 1 (SPEC's empty-mask policy); ignored voxels don't count."""
+    valid = ref != IGNORE_INDEX
+    out = {}
+    for c in classes:
+        p, r = (pred == c) & valid, (ref == c) & valid
+        denom = int(p.sum()) + int(r.sum())
+        out[c] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return out
+
+
+@torch.inference_mode()
+def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
+             device: torch.device, overlap: float = 0.5) -> dict[int, float]:
+    """Mean Dice per class over whole validation cases (stage 2: inside the reference ROI box)."""
+    was_training = model.training
+    model.eval()
+    scores: dict[int, list[float]] = {c: [] for c in range(1, num_classes)}
+    for case in cases:
+        image = torch.from_numpy(np.ascontiguousarray(case.image))
+        label = case.label
+        box = case.roi_box
+        if box is not None:
+            sl = tuple(slice(a, b) for a, b in box)
+            image = image[(slice(None), *sl)]
+        probs = sliding_window_predict(model, image, patch, num_classes, overlap=overlap, device=device)
+        pred = probs.argmax(0).numpy().astype(np.uint8)
+        if box is not None:
+            full = np.zeros(label.shape, dtype=np.uint8)
+            full[sl] = pred
+            pred = full
+        for c, d in dice_per_class(pred, np.asarray(label), range(1, num_classes)).items():
+            scores[c].append(d)
+    model.train(was_training)
+    return {c: float(np.mean(v)) if v else float("nan") for c, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model_from_config(model_config: dict) -> nn.Module:
+    return build_network(
+        model_config["architecture"], model_config["in_channels"], model_config["num_classes"],
+        features=model_config["features"], strides=model_config["strides"], kernel_sizes=model_config["kernel_sizes"],
+        norm=model_config["norm"], dropout=model_config["dropout"],
+        deep_supervision=model_config["deep_supervision"])
+
+
+def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
+    cfg = spec.train
+    rank, world = _distributed()
+    is_main = rank == 0
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = pick_device(cfg.get("device", "auto"))
+    if cfg.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.get("seed", 0))
+
+    # --- data -------------------------------------------------------------------------------------------
+    t_load = time.perf_counter()
+    train_cases = [load_case(d, spec.label_map, spec.roi, seed=cfg.get("seed", 0)) for d in spec.train_cases]
+    train_cases = [c for c in train_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
+    val_cases = [load_case(d, spec.label_map, spec.roi) for d in spec.val_cases]
+    val_cases = [c for c in val_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
+    if cfg.get("val_max_cases"):
+        val_cases = val_cases[: cfg["val_max_cases"]]
+    if not train_cases:
+        raise ValueError(f"stage {spec.stage}: no labelled training case" +
+                         (" with a non-empty ROI" if spec.roi else ""))
+    spacing = list(spec.spacing or train_cases[0].spacing)
+    patch = list(spec.patch_size or cfg.get("patch_size") or
+                 plan_patch_size([c.region_shape() for c in train_cases], spacing, cfg.get("max_patch_voxels", 128**3)))
+    num_classes = spec.num_classes
+    data_bytes = sum(c.nbytes() for c in train_cases)
+    keep_on_device = device.type == "cuda" and data_bytes < 0.3 * torch.cuda.mem_get_info(device)[0]
+    sampler = PatchSampler(train_cases, patch, cfg.get("batch_size", 2), device,
+                           foreground_oversample=cfg.get("foreground_oversample", 0.33),
+                           roi_jitter_mm=cfg.get("roi_jitter_mm", 0.0) if spec.roi else 0.0,
+                           keep_on_device=keep_on_device)
+    log.info("stage %s: %d training and %d validation cases loaded in %.1f s; patch %s at %s mm; device %s%s",
+             spec.stage, len(train_cases), len(val_cases), time.perf_counter() - t_load, patch,
+             [round(s, 3) for s in spacing], device, " (training set on the device)" if keep_on_device else "")
+
+    # --- network, loss, optimiser --------------------------------------------------------------------------
+    features = list(cfg.get("features", [16, 32, 64, 128]))
+    strides, kernels = plan_topology(patch, spacing, len(features))
+    model_config = {
+        "architecture": cfg.get("architecture", "unet3d"), "in_channels": 1, "num_classes": num_classes,
+        "features": features, "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
+        "norm": cfg.get("norm", "instance"), "dropout": cfg.get("dropout", 0.0),
+        "deep_supervision": bool(cfg.get("deep_supervision", True)),
+    }
+    model = build_model_from_config(model_config).to(device)
+    n_params = count_parameters(model)
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.get("compile"):
+        train_model = torch.compile(train_model)
+
+    base_lr = cfg.get("lr") or (1e-2 if cfg.get("optimizer", "adamw") == "sgd" else 3e-3)
+    if cfg.get("optimizer", "adamw") == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.99, nesterov=True,
+                                    weight_decay=cfg.get("weight_decay", 3e-5))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.get("weight_decay", 3e-5))
+    # bf16 needs no loss scaling; a scaler is kept (disabled) so checkpoints have one format on every device
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    base_loss = DiceCELoss(ignore_index=IGNORE_INDEX)
+    criterion = DeepSupervisionLoss(base_loss) if model_config["deep_supervision"] else base_loss
+    augmenter = BatchAugmenter(AugmentConfig.for_spacing(spacing)) if cfg.get("augment", True) else None
+
+    max_epochs = int(cfg.get("max_epochs", 50))
+    iters = int(cfg.get("iterations_per_epoch", 50))
+    time_limit = cfg.get("time_limit_min")
+    time_limit_s = float(time_limit) * 60 if time_limit else None
+    total_steps = max_epochs * iters
+
+    # --- resume ------------------------------------------------------------------------------------------
+    latest_path, best_path = out / "checkpoint_latest.pt", out / "checkpoint_best.pt"
+    log_path, curve_path, model_json = out / "train_log.parquet", out / "learning_curve.png", out / "model.json"
+    identity = json.loads(json.dumps(spec.identity(), sort_keys=True))
+    start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
+    if latest_path.exists():
+        state = torch.load(latest_path, map_location=device, weights_only=True)
+        if state.get("identity") == json.dumps(identity, sort_keys=True) and state.get("version") == CHECKPOINT_VERSION:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng_states(state["rng"])
+            start_epoch, elapsed = int(state["epoch"]) + 1, float(state["elapsed"])
+            history, best_dice, best_epoch = list(state["history"]), float(state["best_dice"]), int(state["best_epoch"])
+            resumed_from = start_epoch - 1
+            log.info("stage %s: resuming after epoch %d (%.0f s of training done)", spec.stage, resumed_from, elapsed)
+        else:
+            log.warning("stage %s: %s belongs to another configuration; training from scratch", spec.stage, latest_path)
+
+    if is_main:
+        atomic_write_text(model_json, json.dumps({
+            "model": model_config, "patch_size": patch, "spacing": spacing, "classes": spec.classes,
+            "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
+            "parameters": n_params}, indent=1))
+
+    # --- epochs ------------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    stopped_by = "max_epochs"
+    step = start_epoch * iters
+    bar = tqdm(range(start_epoch, max_epochs), desc=f"train {spec.stage}", unit="epoch", disable=not (progress and is_main),
+               initial=start_epoch, total=max_epochs, leave=False)
+    seed = int(cfg.get("seed", 0))
+    epoch = start_epoch - 1
+    for epoch in bar:
+        if time_limit_s is not None and elapsed >= time_limit_s:
+            stopped_by = "time_limit"
+            break
+        t_epoch = time.perf_counter()
+        # Every epoch's randomness derives from (seed, rank, epoch): resuming needs no stream replay.
+        es = epoch_seed(seed, rank, epoch)
+        torch.manual_seed(es)
+        rng = np.random.default_rng(es)
+        aug_gen = torch.Generator(device=device).manual_seed(es)
+        train_model.train()
+        losses = []
+        for _ in range(iters):
+            progress_frac = step / total_steps
+            if time_limit_s is not None:
+                progress_frac = max(progress_frac, (elapsed + time.perf_counter() - t_epoch) / time_limit_s)
+            lr = poly_lr(base_lr, progress_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            image, label = sampler.sample(rng)
+            if augmenter is not None:
+                image, label = augmenter(image, label, aug_gen)
+            with autocast(device):
+                outputs = train_model(image)
+            loss = criterion(_float(outputs), label.long())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            step += 1
+        train_seconds = time.perf_counter() - t_epoch
+
+        row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "train_seconds": train_seconds}
+        improved = False
+        if is_main and val_cases and ((epoch + 1) % cfg.get("val_every", 1) == 0 or epoch == max_epochs - 1):
+            dice = validate(model, val_cases, patch, num_classes, device, spec.overlap)
+            for c, d in dice.items():
+                row[f"val_dice_{spec.classes.get(c, c)}"] = d
+            row["val_dice_mean"] = float(np.nanmean(list(dice.values())))
+            if row["val_dice_mean"] > best_dice:
+                best_dice, best_epoch, improved = row["val_dice_mean"], epoch, True
+        elif is_main and not val_cases:
+            improved, best_epoch = True, epoch  # nothing to validate on: the latest is the best we know
+        elapsed += time.perf_counter() - t_epoch
+        row["seconds"] = time.perf_counter() - t_epoch
+        row["elapsed"] = elapsed
+        history.append(row)
+        if is_main:
+            if improved:
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_dice_mean": best_dice,
+                                   "version": CHECKPOINT_VERSION}, best_path)
+            atomic_torch_save({
+                "version": CHECKPOINT_VERSION, "identity": json.dumps(identity, sort_keys=True),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
+                "best_dice": best_dice, "best_epoch": best_epoch}, latest_path)
+            _write_log(history, log_path)
+            if (epoch + 1) % 10 == 0:
+                _write_curve(history, curve_path, spec.stage)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row.get('val_dice_mean', float('nan')):.3f}")
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if epoch == max_epochs - 1 and stopped_by != "time_limit" and time_limit_s is not None and elapsed >= time_limit_s:
+        stopped_by = "max_epochs"
+    if is_main:
+        if history:
+            _write_log(history, log_path)
+            _write_curve(history, curve_path, spec.stage)
+        if not best_path.exists() and latest_path.exists():
+            state = torch.load(latest_path, map_location="cpu", weights_only=True)
+            atomic_torch_save({"model": state["model"], "epoch": state["epoch"], "val_dice_mean": None,
+                               "version": CHECKPOINT_VERSION}, best_path)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(str(out), str(best_path), str(latest_path), str(model_json), str(log_path), str(curve_path),
+                       epochs=len(history), best_epoch=best_epoch, best_val_dice=best_dice if best_dice >= 0 else None,
+                       seconds=elapsed, resumed_from_epoch=resumed_from, stopped_by=stopped_by)
+
+
+def _float(outputs):
+    """Losses in float32 whatever the autocast dtype of the logits."""
+    if isinstance(outputs, (list, tuple)):
+        return [o.float() for o in outputs]
+    return outputs.float()
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(pd.DataFrame(history), preserve_index=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_curve(history: list[dict], path: Path, stage: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax1 = plt.subplots(figsize=(7, 4), dpi=100)
+    ax1.plot(epochs, [h["loss"] for h in history], color="tab:blue", label="training loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss (Dice + CE)", color="tab:blue")
+    ax2 = ax1.twinx()
+    dice_keys = sorted({k for h in history for k in h if k.startswith("val_dice_") and k != "val_dice_mean"})
+    for key in dice_keys:
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        ax2.plot(*zip(*pts), label=key.replace("val_dice_", "val Dice "), linestyle="--")
+    if any("val_dice_mean" in h for h in history):
+        pts = [(h["epoch"], h["val_dice_mean"]) for h in history if "val_dice_mean" in h]
+        ax2.plot(*zip(*pts), color="black", label="val Dice (mean)")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("validation Dice")
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax1.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax1.legend(lines, labels, loc="center right", fontsize=8)
+    ax1.set_title(f"stage {stage}")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unet3d.train",
+                                     description="Train one stage from a TrainSpec JSON (works under torchrun).")
+    parser.add_argument("spec", help="TrainSpec JSON file (written by the train stage as train_spec.json)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = TrainSpec.from_json(Path(args.spec).read_text())
+    result = train(spec, progress=not args.no_progress)
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
