@@ -24,7 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from unet3d.io import dicom_series, is_image_file, read_dicom_tags, read_header, read_image, strip_image_suffix, to_numpy
+from unet3d.io import (dicom_series, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
+                       strip_image_suffix, to_numpy)
 from unet3d.resample import canonical_axes
 
 from .hashing import sha256_file, sha256_files, stat_fingerprint
@@ -354,10 +355,15 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             else:
                 out["issues"] += _check_spacing(image_geometry.spacing, path)
                 voxels = to_numpy(image)
-                if np.issubdtype(voxels.dtype, np.floating):
-                    n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
-                    if n_bad:
-                        out["issues"].append(_issue("non_finite", path, f"{n_bad} NaN/Inf voxels"))
+                n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) \
+                    if np.issubdtype(voxels.dtype, np.floating) else 0
+                if case.source_kind != "dicom":
+                    try:  # ITK reads NIfTI NaN as 0 and may accept a truncated .nii.gz: check the raw data
+                        n_bad = max(n_bad, nifti_nonfinite_voxels(case.image_files[0]) or 0)
+                    except ValueError as exc:
+                        out["issues"].append(_issue("unreadable", path, str(exc)))
+                if n_bad:
+                    out["issues"].append(_issue("non_finite", path, f"{n_bad} NaN/Inf voxels"))
             del image
     if case.label_path:
         path = case.label_path
@@ -384,6 +390,11 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                 if image_geometry is not None and image_geometry.ndim == 3:
                     out["issues"] += _compare_geometry(image_geometry, lg, path)
                 out["issues"] += _check_label_values(to_numpy(label), declared_labels, path)
+                try:
+                    if nifti_nonfinite_voxels(path):
+                        out["issues"].append(_issue("label_non_integer", path, "label holds NaN/Inf voxels"))
+                except ValueError as exc:
+                    out["issues"].append(_issue("unreadable", path, str(exc)))
     return out
 
 
