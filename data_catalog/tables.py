@@ -109,7 +109,11 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, schema: pa.Schem
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if schema is not None:
-        frame = frame.reindex(columns=schema.names)
+        frame = frame.copy()
+        for name in schema.names:
+            if name not in frame.columns:
+                frame[name] = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+        frame = frame[schema.names]
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)

@@ -277,6 +277,9 @@ def cmd_serve(args) -> int:
     from unet3d.config import load_config
 
     load_config(args.config)  # fail now, not at 2 am
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RuntimeError("serving a schedule needs a Prefect server: start one with `prefect server start` and set "
+                           "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api); the ephemeral API never fires schedules")
     ws = _workspace(args)
     print(f"serving deployment unet3d-pipeline/{args.name}: cron '{args.cron}' ({args.timezone}), workspace {ws}")
     pipeline_flow.serve(name=args.name, schedule=Cron(args.cron, timezone=args.timezone),

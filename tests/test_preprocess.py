@@ -1,0 +1,157 @@
+"""The preprocessing stage: work counter, incremental additions, crash safety, a real Dask cluster,
+and the exact round trip on the real hippocampus cohort."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_catalog.demo import generate_demo_cohort
+from data_catalog.ingest import ingest
+from data_catalog.preprocess import case_complete
+from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
+from data_catalog.tables import Catalog
+from unet3d.io import read_image, to_numpy
+from unet3d.resample import invert_labels
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = {"target_spacing": "auto", "normalisation": "auto", "workers": 2, "dask_address": None,
+          "image_interpolation": "cubic", "label_interpolation": "linear", "memory_limit": "2GB"}
+
+
+def _cohort(tmp_path, n, shape=(32, 32, 16)) -> Path:
+    return generate_demo_cohort(tmp_path / "src", n_cases=n, seed=5, shape=shape, base_spacing=(3.0, 3.0, 6.0))
+
+
+def _complete_cases(ws: Path, cohort: str, plan_id: str) -> list[Path]:
+    return [d for d in (ws / "preprocessed" / cohort / plan_id).iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+
+def test_rerun_does_nothing_and_new_cases_cost_one_each(tmp_path):
+    src, ws = _cohort(tmp_path, 10), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    first = run_preprocessing(ws, "demo", CONFIG, spacing_factors=(1.0, 2.0), progress=False)
+    assert first.processed == 20 and first.cached == 0 and not first.failed
+    second = run_preprocessing(ws, "demo", CONFIG, spacing_factors=(1.0, 2.0), progress=False)
+    assert second.processed == 0 and second.cached == 20  # the work counter: nothing resampled
+    assert second.worker_memory == {}  # no cluster was even started
+
+    _cohort(tmp_path, 15)  # the generator adds cases 10..14, old files untouched
+    ingest(src, "demo", ws)
+    third = run_preprocessing(ws, "demo", CONFIG, spacing_factors=(1.0,), progress=False)
+    assert third.processed == 5 and third.cached == 10
+    assert third.plan_ids[1.0] == first.plan_ids[1.0]  # the pinned plan did not move
+
+
+def test_a_new_plan_invalidates_every_case(tmp_path):
+    src, ws = _cohort(tmp_path, 10), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    a = run_preprocessing(ws, "demo", CONFIG, progress=False)
+    b = run_preprocessing(ws, "demo", dict(CONFIG, target_spacing=[4.0, 4.0, 4.0]), progress=False)
+    assert a.plan_ids[1.0] != b.plan_ids[1.0] and b.processed == 10
+    plan = PreprocessedStore(ws, "demo").load_plan(b.plan_ids[1.0])
+    assert plan["target_spacing"] == [4.0, 4.0, 4.0] and plan["normalisation"]["scheme"] == "ct"
+    for d in _complete_cases(ws, "demo", b.plan_ids[1.0]):
+        props = json.loads((d / "props.json").read_text())
+        image = np.load(d / "image.npy", mmap_mode="r")
+        assert image.shape[1:] == tuple(props["resampled_shape"]) and image.dtype == np.float32
+
+
+def test_sigkill_midway_leaves_nothing_partial_and_the_rerun_completes(tmp_path):
+    src, ws = _cohort(tmp_path, 14, shape=(96, 96, 48)), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from data_catalog.store import run_preprocessing\n"
+              "if __name__ == '__main__':\n"
+              f"    run_preprocessing({str(ws)!r}, 'demo', {dict(CONFIG, workers=1, target_spacing=[0.9, 0.9, 0.9])!r},"
+              " progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, cwd=tmp_path)
+    root = ws / "preprocessed" / "demo"
+    deadline = time.time() + 240
+    killed_with = None
+    while time.time() < deadline and proc.poll() is None:
+        done = [d for d in root.glob("*/*__*") if (d / "props.json").exists()]
+        if len(done) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and the worker processes
+            killed_with = len(done)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_with is not None and killed_with < 14, "preprocessing finished before it could be killed"
+
+    result = run_preprocessing(ws, "demo", dict(CONFIG, target_spacing=[0.9, 0.9, 0.9]), progress=False)
+    assert not result.failed
+    assert result.processed + result.cached == 14 and result.processed <= 14 - killed_with + 1
+    store = PreprocessedStore(ws, "demo")
+    plan_id = result.plan_ids[1.0]
+    assert not list(root.glob(f"{plan_id}/.tmp-*"))
+    cases = case_records(Catalog(ws).cases(cohort="demo"))
+    for case in cases:
+        assert case_complete(store.case_dir(plan_id, case))
+        image, label, props = store.load_case(plan_id, case)
+        assert np.isfinite(image).all() and label.shape == image.shape[1:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_preprocessing_on_a_real_dask_scheduler_with_two_workers(tmp_path):
+    pytest.importorskip("distributed")
+    src, ws = _cohort(tmp_path, 12), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    dask = [sys.executable, "-m", "distributed.cli"]
+    procs = [subprocess.Popen([*dask[:2], "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([*dask[:2], "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                           "--nworkers", "1", "--no-dashboard", "--memory-limit", "2GB"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        result = run_preprocessing(ws, "demo", dict(CONFIG, dask_address=address), progress=False)
+        assert result.processed == 12 and not result.failed
+        assert len(result.worker_memory) == 2
+        assert all(m["peak_rss_mb"] > 0 for m in result.worker_memory.values())
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_hippocampus_round_trip_is_exact_for_every_case(hippocampus_dir, tmp_path):
+    ws = tmp_path / "ws"
+    ingest(hippocampus_dir, "hippocampus", ws)
+    result = run_preprocessing(ws, "hippocampus", dict(CONFIG, label_interpolation="nearest"), progress=False)
+    assert not result.failed and result.processed == 220
+    store = PreprocessedStore(ws, "hippocampus")
+    plan_id = result.plan_ids[1.0]
+    cases = case_records(Catalog(ws).cases(cohort="hippocampus", status="ok"))
+    assert len(cases) == 220
+    for case in cases:
+        _image, label, props = store.load_case(plan_id, case)
+        original = to_numpy(read_image(case["label_path"]))
+        restored = invert_labels(np.asarray(label), props, "nearest")
+        assert restored.shape == original.shape, case["case_id"]
+        assert np.array_equal(restored, original.astype(restored.dtype)), case["case_id"]
