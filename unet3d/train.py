@@ -99,6 +99,7 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int | None = None
     stopped_by: str = "max_epochs"
+    world_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -429,7 +430,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         dist.barrier()
     return TrainResult(str(out), str(best_path), str(latest_path), str(model_json), str(log_path), str(curve_path),
                        epochs=len(history), best_epoch=best_epoch, best_val_dice=best_dice if best_dice >= 0 else None,
-                       seconds=elapsed, resumed_from_epoch=resumed_from, stopped_by=stopped_by)
+                       seconds=elapsed, resumed_from_epoch=resumed_from, stopped_by=stopped_by, world_size=world)
 
 
 def _float(outputs):

@@ -1,0 +1,149 @@
+"""The training engine: patch sampling, exact resume after SIGKILL, DDP on CPU with gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet3d.sampling import CaseData, PatchSampler, load_case, map_labels, plan_patch_size
+from unet3d.train import TrainSpec, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_store_case(root: Path, case_id: str, shape=(20, 22, 14), seed=0, spacing=(1.0, 1.0, 1.0)) -> Path:
+    """A preprocessed case folder as the store writes it: a bright blob (class 1) with a core (class 2)."""
+    rng = np.random.default_rng(seed)
+    d = root / f"{case_id}__0000"
+    d.mkdir(parents=True)
+    label = np.zeros(shape, np.uint8)
+    c = [s // 2 + int(rng.integers(-2, 3)) for s in shape]
+    label[c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 3:c[2] + 3] = 1
+    label[c[0] - 1:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 1:c[2] + 1] = 2
+    image = rng.normal(0, 0.3, shape).astype(np.float32) + label.astype(np.float32)
+    np.save(d / "image.npy", image[None])
+    np.save(d / "label.npy", label)
+    (d / "props.json").write_text(json.dumps({"case_id": case_id, "effective_spacing": list(spacing)}))
+    return d
+
+
+def tiny_spec(root: Path, out: Path, **train_overrides) -> TrainSpec:
+    cases = [str(make_store_case(root, f"c{i}", seed=i)) for i in range(5)]
+    train_cfg = {"architecture": "unet3d", "features": [4, 8, 16], "max_epochs": 4, "iterations_per_epoch": 3,
+                 "batch_size": 2, "patch_size": [16, 16, 12], "device": "cpu", "threads": 1, "deterministic": True,
+                 "seed": 7, "deep_supervision": True, "augment": True, "optimizer": "adamw", "lr": 3e-3}
+    train_cfg.update(train_overrides)
+    return TrainSpec(out_dir=str(out), train_cases=cases[:4], val_cases=cases[4:], classes={1: "outer", 2: "core"},
+                     label_map={1: 1, 2: 2}, train=train_cfg)
+
+
+def test_sampler_pads_small_volumes_and_oversamples_foreground(tmp_path):
+    case = load_case(make_store_case(tmp_path, "a", shape=(10, 12, 8)), {1: 1, 2: 2})
+    sampler = PatchSampler([case], (16, 16, 12), batch_size=8, device=torch.device("cpu"), foreground_oversample=1.0)
+    image, label = sampler.sample(np.random.default_rng(0))
+    assert image.shape == (8, 1, 16, 16, 12) and label.shape == (8, 1, 16, 16, 12)
+    assert label.dtype == torch.uint8
+    # the volume (10x12x8) sits inside every patch: all its foreground is there, the rest is padding
+    assert (label == 1).flatten(1).sum(1).min() == int((case.label == 1).sum())
+    assert (image == 0).flatten(1).sum(1).min() >= 16 * 16 * 12 - 10 * 12 * 8
+
+
+def test_sampler_on_device_and_on_host_agree(tmp_path):
+    cases = [load_case(make_store_case(tmp_path, f"c{i}", shape=(30, 28, 20), seed=i), {1: 1, 2: 2}) for i in range(3)]
+    host = PatchSampler(cases, (16, 16, 12), 4, torch.device("cpu"), 0.5)
+    dev = PatchSampler(cases, (16, 16, 12), 4, torch.device("cpu"), 0.5, keep_on_device=True)
+    a, b = host.sample(np.random.default_rng(3)), dev.sample(np.random.default_rng(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_sampler_roi_region_zeroes_everything_outside_the_box(tmp_path):
+    case = load_case(make_store_case(tmp_path, "a", shape=(30, 30, 20)), {1: 1, 2: 2},
+                     roi={"label_values": [2], "margin_mm": 1.0})
+    assert case.roi_box is not None
+    width = [b - a for a, b in case.roi_box]
+    sampler = PatchSampler([case], (16, 16, 12), 4, torch.device("cpu"), 0.0, roi_jitter_mm=0.0)
+    image, label = sampler.sample(np.random.default_rng(0))
+    assert int((image != 0).flatten(1).sum(1).max()) <= int(np.prod(width))
+    assert int((label == 1).sum()) > 0  # part of the outer class inside the box stays
+
+
+def test_map_labels_and_patch_planning():
+    label = np.array([0, 1, 2, 3, 255], dtype=np.uint8)
+    assert map_labels(label, {1: 1, 2: 1}).tolist() == [0, 1, 1, 0, 255]
+    assert plan_patch_size([(35, 50, 36)] * 3, (1, 1, 1), 128**3) == [40, 56, 40]  # nnU-Net's hippocampus patch
+    big = plan_patch_size([(512, 512, 120)], (0.7, 0.7, 2.5), 128**3)
+    extent = np.asarray(big) * [0.7, 0.7, 2.5]
+    assert np.prod(big) <= 128**3 and extent.max() / extent.min() < 1.5  # shrunk along the longest physical axes
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
+    spec_a = tiny_spec(tmp_path / "a_data", tmp_path / "a_out")
+    result_a = train(spec_a, progress=False)
+    assert result_a.epochs == 4 and Path(result_a.log_path).exists() and Path(result_a.curve_path).exists()
+
+    spec_b = tiny_spec(tmp_path / "b_data", tmp_path / "b_out")
+    spec_path = tmp_path / "spec_b.json"
+    spec_path.write_text(spec_b.to_json())
+    proc = subprocess.Popen([sys.executable, "-m", "unet3d.train", str(spec_path), "--no-progress"], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(spec_b.out_dir) / "checkpoint_latest.pt"
+    killed_after = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists():
+            try:
+                killed_after = int(torch.load(latest, map_location="cpu", weights_only=True)["epoch"])
+            except Exception:  # caught mid-rename: try again
+                time.sleep(0.02)
+                continue
+            if killed_after >= 1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_after is not None and killed_after < 3, "training finished before it could be killed"
+
+    result_b = train(spec_b, progress=False)
+    assert result_b.resumed_from_epoch is not None and result_b.resumed_from_epoch >= killed_after  # <= 1 epoch lost
+    wa, wb = _weights(Path(result_a.latest_checkpoint)), _weights(Path(result_b.latest_checkpoint))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    import pandas as pd
+    log = pd.read_parquet(result_b.log_path)
+    assert log["epoch"].tolist() == [0, 1, 2, 3]
+    assert {"loss", "lr", "val_dice_outer", "val_dice_core", "val_dice_mean", "seconds"} <= set(log.columns)
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
+    spec = tiny_spec(tmp_path / "d", tmp_path / "out", max_epochs=1)
+    train(spec, progress=False)
+    other = tiny_spec(tmp_path / "d2", tmp_path / "out", max_epochs=1, features=[4, 8, 8])
+    assert train(other, progress=False).resumed_from_epoch is None
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
+    spec = tiny_spec(tmp_path / "d", tmp_path / "out", max_epochs=2, deterministic=False)
+    path = tmp_path / "spec.json"
+    path.write_text(spec.to_json())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "unet3d.train", str(path), "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["epochs"] == 2 and result["world_size"] == 2
+    assert Path(result["best_checkpoint"]).exists()
