@@ -49,3 +49,10 @@ def tiny_cohort(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_cohort")
     return generate_demo_cohort(root / "cohort", n_cases=12, seed=3, shape=(32, 32, 16), base_spacing=(3.0, 3.0, 6.0))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Prefect stops its temporary API server from an atexit hook and logs that to a console stream that pytest
+    # has already closed; the message is harmless, the "--- Logging error ---" noise is not wanted.
+    import logging
+    logging.raiseExceptions = False

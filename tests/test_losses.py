@@ -71,7 +71,9 @@ def test_perfect_prediction_gives_near_zero_loss(batch_dice: bool) -> None:
     assert bad.item() > 1.0
 
 
-def _hand_dice_ce(logits: torch.Tensor, target: torch.Tensor, include_background: bool, batch_dice: bool, smooth: float):
+def _hand_dice_ce(
+    logits: torch.Tensor, target: torch.Tensor, include_background: bool, batch_dice: bool, smooth: float
+) -> float:
     """Plain-Python reference: softmax, CE and soft Dice written out voxel by voxel."""
     batch, num_classes = logits.shape[:2]
     voxels = [(b, idx) for b in range(batch) for idx in range(target[b].numel())]
