@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
     parser.add_argument("--val-every", type=int, default=2)
+    parser.add_argument("--augment", default="full", choices=["full", "light", "none"])
     parser.add_argument("--fresh", action="store_true", help="discard earlier checkpoints of this benchmark")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -68,7 +69,8 @@ def main() -> int:
     records = {r["case_id"]: r for r in case_records(cases)}
     dirs = {s: [str(store.case_dir(plan_id, records[c])) for c in cases.loc[cases["split"] == s, "case_id"]]
             for s in ("train", "val", "test")}
-    tag = f"{args.architecture}-{args.features.replace(',', '_')}-{args.optimizer}-b{args.batch}-{args.device}"
+    tag = (f"{args.architecture}-{args.features.replace(',', '_')}-{args.optimizer}-b{args.batch}-{args.augment}-"
+           f"{args.device}")
     out = ws / "runs" / tag
     if args.fresh and out.exists():
         import shutil
@@ -76,7 +78,7 @@ def main() -> int:
     train_cfg = TrainConfig(architecture=args.architecture, features=[int(f) for f in args.features.split(",")],
                             max_epochs=100_000, iterations_per_epoch=args.iterations, time_limit_min=args.minutes,
                             device=args.device, batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
-                            threads=args.threads, val_every=args.val_every,
+                            threads=args.threads, val_every=args.val_every, augment=args.augment,
                             patch_size=[int(p) for p in args.patch.split(",")] if args.patch else None).model_dump()
     spec = TrainSpec(out_dir=str(out), train_cases=dirs["train"], val_cases=dirs["val"],
                      classes={1: "anterior", 2: "posterior"}, label_map={1: 1, 2: 2}, train=train_cfg,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.io import Geometry, read_image, to_numpy
-from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, crop, nonzero_bbox,
+from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, crop, label_counts, nonzero_bbox,
                              preprocess_arrays, to_canonical)
 
 # Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
@@ -90,7 +90,7 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
             rng.choice(foreground, FOREGROUND_SAMPLE_PER_CASE, replace=False)
         classes = {}
         if label is not None:
-            values, counts = np.unique(label, return_counts=True)
+            values, counts = label_counts(label)
             classes = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
         record = {
             "case_id": case["case_id"],

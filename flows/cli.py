@@ -96,13 +96,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ShortTracebacks(logging.Formatter):
+    """Console log lines without the tracebacks that Prefect logs for a failed stage: the user gets the
+    one-line reason at the end (the full traceback stays in the Prefect UI, and `-v` shows it here)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        cut = text.find("Traceback (most recent call last)")
+        return text if cut < 0 else text[:cut].rstrip() + " [traceback: run with -v, or see the Prefect UI]"
+
+
+def _configure_logging(verbose: bool) -> None:
+    import prefect  # noqa: F401  (sets up Prefect's console handler on the root logger)
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        root.setLevel(logging.DEBUG)
+    else:
+        for handler in root.handlers:
+            handler.setFormatter(_ShortTracebacks(handler.formatter or logging.Formatter()))
+    for name in ("distributed", "tornado", "asyncio", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for name in ("distributed", "tornado", "asyncio", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _configure_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -50,6 +50,13 @@ __all__ = ["AugmentConfig", "BatchAugmenter", "rotation_matrices", "warp"]
 _SPATIAL_DIMS = (2, 3, 4)  # x, y, z in a (B, C, X, Y, Z) tensor
 
 
+# For short training budgets (minutes on a CPU): geometry and intensity variation that a small model learns
+# from quickly; no elastic deformation, blur, noise or low-resolution simulation, which pay off over long runs.
+LIGHT = {"p_rotate": 0.15, "max_rotation_deg": 15.0, "p_scale": 0.15, "scale_range": (0.85, 1.2), "p_elastic": 0.0,
+         "p_noise": 0.0, "p_blur": 0.0, "p_lowres": 0.0, "p_gamma": 0.2, "p_brightness": 0.15, "p_contrast": 0.15}
+PRESETS: dict[str, dict] = {"full": {}, "light": LIGHT}
+
+
 @dataclass
 class AugmentConfig:
     """Probabilities (per sample) and parameter ranges of every augmentation.

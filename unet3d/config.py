@@ -114,7 +114,7 @@ class TrainConfig(_Section):
     lr: float | None = Field(None, gt=0)  # default 1e-2 for sgd, 3e-3 for adamw
     weight_decay: float = Field(3e-5, ge=0)
     foreground_oversample: float = Field(0.33, ge=0, le=1)
-    augment: bool = True
+    augment: Literal["full", "light", "none"] | bool = "full"  # true = full, false = none
     val_every: int = Field(1, ge=1)
     val_max_cases: int | None = Field(None, ge=1)
     seed: int = 0

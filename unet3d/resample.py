@@ -189,32 +189,38 @@ def resample_to_shape(array: np.ndarray, out_shape: Sequence[int], orders: int |
     return out
 
 
-def _resample_box_linear(mask: np.ndarray, out_shape: Sequence[int], box) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Linear resampling of a mask that is zero outside `box`: only the outputs whose taps reach the box are
-    computed. Returns the values and where they go in the output."""
+def _box_tables(in_shape: Sequence[int], out_shape: Sequence[int], box):
+    """For data that is constant outside `box`: the source slices, output slices and per-axis linear tap
+    tables (relative to the source slices) of the outputs whose taps reach into the box."""
     out_slices, src_slices, tables = [], [], []
-    for n_in, n_out, (b0, b1) in zip(mask.shape, out_shape, box):
+    for n_in, n_out, (b0, b1) in zip(in_shape, out_shape, box):
         idx, weights = axis_taps(n_in, n_out, 1)
-        touches = (((idx >= b0) & (idx < b1)) & (weights > 0)).any(axis=0)
-        hit = np.flatnonzero(touches)
-        if hit.size == 0:
-            return np.zeros((0,) * mask.ndim, np.float32), tuple(slice(0, 0) for _ in out_shape)
+        hit = np.flatnonzero((((idx >= b0) & (idx < b1)) & (weights > 0)).any(axis=0))
         o0, o1 = int(hit[0]), int(hit[-1]) + 1
         sub_idx = idx[:, o0:o1]
         s0, s1 = int(sub_idx.min()), int(sub_idx.max()) + 1
         out_slices.append(slice(o0, o1))
         src_slices.append(slice(s0, s1))
         tables.append((sub_idx - s0, weights[:, o0:o1]))
-    out = mask[tuple(src_slices)].astype(np.float32)
-    for axis, (idx, weights) in enumerate(tables):
-        out = _resample_axis(out, axis, idx, weights, 1)
-    return out, tuple(out_slices)
+    return tuple(src_slices), tuple(out_slices), tables
 
 
 def interpolation_orders(spacing: Sequence[float], order: int = 3) -> tuple[int, ...]:
     """Cubic in-plane, linear across a thick axis (max/min spacing above ANISOTROPY_THRESHOLD)."""
     finest = min(spacing)
     return tuple(min(order, 1) if s / finest > ANISOTROPY_THRESHOLD else order for s in spacing)
+
+
+def label_counts(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, voxel counts) of an integer label map; a histogram rather than np.unique's sort."""
+    if label.dtype.kind in "ui" and label.size:
+        low, high = int(label.min()), int(label.max())
+        # few classes (the usual case): one comparison pass per value, no int64 copy of the volume
+        if high - low < 16:
+            counts = np.array([np.count_nonzero(label == v) for v in range(low, high + 1)])
+            values = np.arange(low, high + 1)[counts > 0]
+            return values.astype(label.dtype), counts[counts > 0]
+    return np.unique(label, return_counts=True)
 
 
 def resample_labels(label: np.ndarray, out_shape: Sequence[int], mode: str = "linear") -> np.ndarray:
@@ -228,26 +234,33 @@ def resample_labels(label: np.ndarray, out_shape: Sequence[int], mode: str = "li
         return resample_to_shape(label, out_shape, 0)
     if mode != "linear":
         raise ValueError(f"label resampling mode must be 'nearest' or 'linear', got {mode!r}")
-    values, counts = np.unique(label, return_counts=True)
+    values, counts = label_counts(label)
     if values.size == 1:
         return np.full(out_shape, values[0], dtype=label.dtype)
     # Linear interpolation of one-hot masks preserves their sum (1), so the most frequent class needs no
     # pass of its own: its score is 1 minus the others'. A binary mask costs one resampling, not two.
     dominant = values[np.argmax(counts)]
-    best = np.zeros(out_shape, dtype=np.float32)
-    total = np.zeros(out_shape, dtype=np.float32)
-    out = np.full(out_shape, dominant, dtype=label.dtype)
+    # Structures are usually small: everything happens in the box around the non-dominant classes, and its
+    # outputs are the only ones that can differ from the dominant class.
+    src, dst, tables = _box_tables(label.shape, out_shape, nonzero_bbox(label != dominant))
+    sub = label[src]
+    region = tuple(s.stop - s.start for s in dst)
+    best = np.zeros(region, dtype=np.float32)
+    total = np.zeros(region, dtype=np.float32)
+    winner = np.full(region, dominant, dtype=label.dtype)
     for c in values:
         if c == dominant:
             continue
-        mask = label == c
-        # Structures are usually small: resample only the box around them.
-        score, where = _resample_box_linear(mask, out_shape, nonzero_bbox(mask))
-        total[where] += score
-        better = score > best[where]
-        np.copyto(best[where], score, where=better)
-        out[where][better] = c
-    out[(1.0 - total) >= best] = dominant
+        score = np.ascontiguousarray(sub == c, dtype=np.float32)
+        for axis, (idx, weights) in enumerate(tables):
+            score = _resample_axis(score, axis, idx, weights, 1)
+        total += score
+        better = score > best
+        np.copyto(best, score, where=better)
+        winner[better] = c
+    winner[(1.0 - total) >= best] = dominant
+    out = np.full(out_shape, dominant, dtype=label.dtype)
+    out[dst] = winner
     return out
 
 
@@ -270,12 +283,14 @@ class Normalisation:
     std: float | None = None
 
     def apply(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
-        image = image.astype(np.float32, copy=False)
         if self.scheme == "ct":
-            out = np.clip(image, self.clip_low, self.clip_high)
+            # one pass converts the dtype and makes the layout C-contiguous, which the resampler's gathers want
+            out = image.astype(np.float32, order="C", copy=True)
+            np.clip(out, self.clip_low, self.clip_high, out=out)
             out -= np.float32(self.mean)
             out /= np.float32(max(self.std, 1e-8))
             return out, {"scheme": "ct", "mean": self.mean, "std": self.std}
+        image = image.astype(np.float32, order="C", copy=False)
         if self.scheme == "zscore":
             mask = image != 0
             nonzero_fraction = float(mask.mean()) if image.size else 0.0
@@ -364,7 +379,7 @@ def preprocess_arrays(
         normalisation=norm_stats,
     )
     if label is not None:
-        values, counts = np.unique(label, return_counts=True)
+        values, counts = label_counts(label)
         props.foreground_voxels = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
     return image, label, props
 
@@ -374,7 +389,7 @@ def invert_labels(label: np.ndarray, props: CaseProperties, mode: str = "nearest
     cropped_shape = [b - a for a, b in props.bbox]
     restored = resample_labels(label, cropped_shape, mode)
     full = uncrop(restored, props.bbox, props.canonical_shape, fill=0)
-    return np.ascontiguousarray(from_canonical(full, props.perm, props.flips))
+    return from_canonical(full, props.perm, props.flips)
 
 
 def invert_probabilities(probs: np.ndarray, props: CaseProperties) -> np.ndarray:
@@ -395,4 +410,4 @@ def invert_probabilities(probs: np.ndarray, props: CaseProperties) -> np.ndarray
         best = np.where(better, p, best)
         out[better] = k
     full = uncrop(out, props.bbox, props.canonical_shape, fill=0)
-    return np.ascontiguousarray(from_canonical(full, props.perm, props.flips))
+    return from_canonical(full, props.perm, props.flips)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .models import build_network, count_parameters, plan_topology
@@ -308,7 +309,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     base_loss = DiceCELoss(ignore_index=IGNORE_INDEX)
     criterion = DeepSupervisionLoss(base_loss) if model_config["deep_supervision"] else base_loss
-    augmenter = BatchAugmenter(AugmentConfig.for_spacing(spacing)) if cfg.get("augment", True) else None
+    augment = {True: "full", False: "none"}.get(cfg.get("augment", "full"), cfg.get("augment", "full"))
+    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
 
     max_epochs = int(cfg.get("max_epochs", 50))
     iters = int(cfg.get("iterations_per_epoch", 50))
