@@ -49,7 +49,6 @@ def main() -> int:
 
     import numpy as np
     import pandas as pd
-    import torch
 
     from data_catalog.ingest import ingest
     from data_catalog.splits import split_table, update_splits
@@ -103,7 +102,7 @@ def main() -> int:
         print(f"{split:5s}  {s[1]:.4f}    {s[2]:.4f}     {np.mean([s[1], s[2]]):.4f}")
     print(f"val Dice (mean) at <= 2 min: {at_2min:.4f}; best epoch {result.best_epoch}; "
           f"parameters {json.loads((out / 'model.json').read_text())['parameters']:,}")
-    print(f"baseline: MONAI UNet 0.87 after 15 min (0.84 after 2), this machine class; goal 0.89")
+    print("baseline: MONAI UNet 0.87 after 15 min (0.84 after 2), this machine class; goal 0.89")
     print(f"learning curve: {result.curve_path}\ntraining log: {result.log_path}")
     ours = float(np.mean([scores["val"][1], scores["val"][2]]))
     print(json.dumps({"benchmark": f"hippocampus_val_dice_{args.minutes:g}min_{args.device}", "ours": round(ours, 4),

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.io import Geometry, read_image, to_numpy
-from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, crop, label_counts, nonzero_bbox,
-                             preprocess_arrays, to_canonical)
+from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
+                             preprocess_consuming)
 
 # Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
 PREPROCESS_VERSION = 3
@@ -76,18 +76,24 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
         image, label, geometry = _read_case(case)
         perm, flips = canonical_axes(geometry.direction_matrix())
         canon = canonical_geometry(geometry, perm, flips)
-        image = to_canonical(image, perm, flips)
-        label = to_canonical(label, perm, flips) if label is not None else None
-        bbox = nonzero_bbox(image != 0, *([label > 0] if label is not None else []))
-        cropped = crop(image, bbox)
-        if label is not None and (label > 0).any():
-            foreground = crop(image, bbox)[crop(label, bbox) > 0]
+        # The crop box is computed on the original axes and permuted: same box, no reoriented copies.
+        nonzero = image != 0
+        if label is not None:
+            nonzero |= label > 0
+        raw_box = nonzero_bbox(nonzero)
+        bbox = [raw_box[p] for p in perm]
+        # Both arrays share one memory layout: ravel("K") walks them in the same order without copying.
+        flat_image = image.ravel(order="K")
+        if label is not None and label.any():
+            foreground = flat_image[label.ravel(order="K") > 0]
         else:
-            foreground = cropped[cropped != 0] if (cropped != 0).any() else cropped.ravel()
-        foreground = foreground.astype(np.float64, copy=False)
+            foreground = flat_image[nonzero.ravel(order="K")] if nonzero.any() else flat_image
+        del nonzero
         rng = np.random.default_rng([seed, int(content_key(case)[:8], 16)])
+        # A sample with replacement is as good for percentiles and far cheaper than a permutation.
         sample = foreground if foreground.size <= FOREGROUND_SAMPLE_PER_CASE else \
-            rng.choice(foreground, FOREGROUND_SAMPLE_PER_CASE, replace=False)
+            foreground[rng.integers(0, foreground.size, FOREGROUND_SAMPLE_PER_CASE)]
+        sample = sample.astype(np.float64)
         classes = {}
         if label is not None:
             values, counts = label_counts(label)
@@ -99,8 +105,8 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
             "cropped_shape": [b - a for a, b in bbox],
             "crop_fraction": float(np.prod([b - a for a, b in bbox]) / max(np.prod(canon.size), 1)),
             "foreground_sample": [float(v) for v in sample],
-            "foreground_mean": float(foreground.mean()) if foreground.size else 0.0,
-            "foreground_std": float(foreground.std()) if foreground.size else 1.0,
+            "foreground_mean": float(foreground.mean(dtype=np.float64)) if foreground.size else 0.0,
+            "foreground_std": float(foreground.std(dtype=np.float64)) if foreground.size else 1.0,
             "class_voxels": classes,
             "labelled": label is not None,
         }
@@ -125,8 +131,10 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
         norm = plan["normalisation"]
         normalisation = Normalisation(norm["scheme"], norm.get("clip_low"), norm.get("clip_high"), norm.get("mean"),
                                       norm.get("std"))
-        image, label, props = preprocess_arrays(
-            image, label, geometry, plan["target_spacing"], normalisation,
+        arrays = [image, label]
+        del image, label  # handed over: the raw volume is freed as soon as it has been resampled
+        image, label, props = preprocess_consuming(
+            arrays, geometry, plan["target_spacing"], normalisation,
             image_order=plan["image_order"], label_mode=plan["label_mode"])
         tmp.mkdir(parents=True)
         np.save(tmp / "image.npy", image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first

@@ -30,7 +30,8 @@ split: {{ratios: [0.8, 0.1, 0.1], seed: 0, group_by: patient_id}}
 stages:
   - {{name: organ, classes: {{1: organ}}, merge: {{1: [1, 2]}}, spacing_factor: 2.0}}
   - {{name: lesion, classes: {{1: lesion}}, merge: {{1: [2]}}, roi_from: organ, margin_mm: 10}}
-train: {{architecture: unet3d, features: [16, 32, 64, 128], max_epochs: {epochs}, iterations_per_epoch: 20, batch_size: 2}}
+train: {{architecture: unet3d, features: [8, 16, 32, 64], augment: light, max_epochs: {epochs}, iterations_per_epoch: 25,
+        batch_size: 2}}
 infer: {{overlap: 0.5, tta: false, splits: [val, test]}}
 evaluate: {{n_boot: 500}}
 """

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +19,7 @@ from filelock import FileLock
 
 from data_catalog.hashing import stable_hash
 from data_catalog.ingest import ingest
-from data_catalog.preprocess import case_dirname, content_key
+from data_catalog.preprocess import case_dirname
 from data_catalog.splits import split_table, update_splits
 from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
 from data_catalog.tables import Catalog

@@ -156,7 +156,7 @@ class PipelineConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
         if self.stages[0].roi_from is not None:
-            raise ValueError(f"stages.0.roi_from: the first stage has no earlier stage to take an ROI from")
+            raise ValueError("stages.0.roi_from: the first stage has no earlier stage to take an ROI from")
         if len(self.stages) == 2 and self.stages[1].roi_from not in (None, self.stages[0].name):
             raise ValueError(f"stages.1.roi_from: must name stage {self.stages[0].name!r}, got {self.stages[1].roi_from!r}")
         if self.labels:

@@ -88,7 +88,7 @@ def canonical_geometry(geometry: Geometry, perm: Sequence[int], flips: Sequence[
 # ---------------------------------------------------------------------------------------------------------
 def nonzero_bbox(*masks: np.ndarray) -> tuple[tuple[int, int], ...]:
     """[start, stop) per axis of the union of the masks; the whole volume if they are all empty."""
-    union = masks[0].astype(bool, copy=True)
+    union = masks[0].astype(bool, copy=len(masks) > 1)
     for m in masks[1:]:
         union |= m.astype(bool, copy=False)
     box = []
@@ -142,8 +142,10 @@ def axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray
 _MAX_CHUNK_VOXELS = 4_000_000  # bounds each temporary to ~16 MB whatever the volume's size
 
 
-def _resample_axis(array: np.ndarray, axis: int, idx: np.ndarray, weights: np.ndarray, order: int) -> np.ndarray:
-    """Apply a 1-D tap table (see `axis_taps`) along `axis`."""
+def _resample_axis(array: np.ndarray, axis: int, idx: np.ndarray, weights: np.ndarray, order: int,
+                   transform=None) -> np.ndarray:
+    """Apply a 1-D tap table (see `axis_taps`) along `axis`; `transform` (elementwise) is applied to each
+    source chunk first, so that normalising costs no volume-sized copy."""
     n_out = idx.shape[1]
     out_shape = list(array.shape)
     out_shape[axis] = n_out
@@ -158,6 +160,8 @@ def _resample_axis(array: np.ndarray, axis: int, idx: np.ndarray, weights: np.nd
         sl = [slice(None)] * array.ndim
         sl[chunk_axis] = slice(start, start + step)
         src = array[tuple(sl)]
+        if transform is not None:
+            src = transform(src)
         acc = np.take(src, idx[0], axis=axis).astype(np.float32, copy=False)
         acc = acc * weights[0].reshape(wshape) if order else acc.copy()
         for k in range(1, idx.shape[0]):
@@ -181,12 +185,21 @@ def resample_to_shape(array: np.ndarray, out_shape: Sequence[int], orders: int |
         # nearest: one gather with broadcast indices, no arithmetic, dtype kept
         index = [axis_taps(n, m, 0)[0][0] for n, m in zip(array.shape, out_shape)]
         return array[np.ix_(*index)]
-    out = array
-    for axis in sorted(range(array.ndim), key=lambda a: out_shape[a] / array.shape[a]):
+    return _resample_passes([array], out_shape, orders)
+
+
+def _resample_passes(holder: list, out_shape: tuple[int, ...], orders: Sequence[int], transform=None) -> np.ndarray:
+    """The separable passes. The input comes in a one-element list that is emptied, so that when the caller
+    keeps no other reference, each pass frees its input as soon as the next one has its output: for a CT
+    volume that is one float32 copy less at the peak."""
+    out = holder.pop()
+    in_shape = out.shape
+    for axis in sorted(range(out.ndim), key=lambda a: out_shape[a] / in_shape[a]):
         if out.shape[axis] != out_shape[axis]:
             idx, weights = axis_taps(out.shape[axis], out_shape[axis], orders[axis])
-            out = _resample_axis(out, axis, idx, weights, orders[axis])
-    return out
+            out = _resample_axis(out, axis, idx, weights, orders[axis], transform)
+            transform = None  # applied by the first pass
+    return out if transform is None else transform(out)
 
 
 def _box_tables(in_shape: Sequence[int], out_shape: Sequence[int], box):
@@ -282,30 +295,39 @@ class Normalisation:
     mean: float | None = None
     std: float | None = None
 
-    def apply(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+    def fit(self, image: np.ndarray) -> dict:
+        """The statistics this image is normalised with (no copy of the image is made)."""
         if self.scheme == "ct":
-            # one pass converts the dtype and makes the layout C-contiguous, which the resampler's gathers want
-            out = image.astype(np.float32, order="C", copy=True)
-            np.clip(out, self.clip_low, self.clip_high, out=out)
-            out -= np.float32(self.mean)
-            out /= np.float32(max(self.std, 1e-8))
-            return out, {"scheme": "ct", "mean": self.mean, "std": self.std}
-        image = image.astype(np.float32, order="C", copy=False)
+            return {"scheme": "ct", "mean": self.mean, "std": self.std}
         if self.scheme == "zscore":
             mask = image != 0
-            nonzero_fraction = float(mask.mean()) if image.size else 0.0
-            values = image[mask] if mask.any() else image.ravel()
-            mean = float(values.mean()) if values.size else 0.0
-            std = float(values.std()) if values.size else 1.0
-            out = (image - np.float32(mean)) / np.float32(max(std, 1e-8))
-            # A background of exact zeros (skull-stripped MRI) is a mask, not tissue: keep it at 0.
-            use_mask = nonzero_fraction < 0.75
-            if use_mask:
-                out[~mask] = 0
-            return out, {"scheme": "zscore", "mean": mean, "std": std, "masked": use_mask}
+            count = int(np.count_nonzero(mask))
+            where = mask if count else None
+            mean = float(np.mean(image, where=where, dtype=np.float64)) if image.size else 0.0
+            std = float(np.std(image, where=where, dtype=np.float64)) if image.size else 1.0
+            # A background of exact zeros (skull-stripped MRI) is a mask, not tissue: it stays 0.
+            masked = count < 0.75 * image.size
+            return {"scheme": "zscore", "mean": mean, "std": std, "masked": masked}
         if self.scheme == "none":
-            return image.copy(), {"scheme": "none"}
+            return {"scheme": "none"}
         raise ValueError(f"unknown normalisation scheme {self.scheme!r}")
+
+    def transform(self, image: np.ndarray, stats: dict) -> np.ndarray:
+        """Normalised float32, C-contiguous (the resampler's gathers want it); elementwise, so it can be
+        applied chunk by chunk."""
+        out = image.astype(np.float32, order="C", copy=True)
+        if stats["scheme"] == "ct":
+            np.clip(out, self.clip_low, self.clip_high, out=out)
+        if stats["scheme"] in ("ct", "zscore"):
+            out -= np.float32(stats["mean"])
+            out /= np.float32(max(stats["std"], 1e-8))
+        if stats.get("masked"):
+            out[image == 0] = 0
+        return out
+
+    def apply(self, image: np.ndarray) -> tuple[np.ndarray, dict]:
+        stats = self.fit(image)
+        return self.transform(image, stats), stats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,20 +371,36 @@ def preprocess_arrays(
     label_mode: str = "linear",
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Reorient, crop, normalise and resample one case held as (x, y, z) arrays."""
+    return preprocess_consuming([image, label], geometry, target_spacing, normalisation, image_order, label_mode)
+
+
+def preprocess_consuming(arrays: list, geometry: Geometry, target_spacing: Sequence[float],
+                         normalisation: Normalisation, image_order: int = 3,
+                         label_mode: str = "linear") -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """`preprocess_arrays` for a caller that hands over its arrays in a list ([image, label], emptied here):
+    the raw image is then freed after the first resampling pass instead of living until the end."""
+    image, label = arrays.pop(0), arrays.pop(0)
     perm, flips = canonical_axes(geometry.direction_matrix())
     canon = canonical_geometry(geometry, perm, flips)
     image = to_canonical(image, perm, flips)
     label = to_canonical(label, perm, flips) if label is not None else None
 
-    masks = [image != 0] + ([label > 0] if label is not None else [])
-    bbox = nonzero_bbox(*masks)
+    nonzero = image != 0
+    if label is not None:
+        nonzero |= label > 0
+    bbox = nonzero_bbox(nonzero)
+    del nonzero
     image = crop(image, bbox)
     label = crop(label, bbox) if label is not None else None
 
-    image, norm_stats = normalisation.apply(image)
-
     out_shape = resampled_shape(image.shape, canon.spacing, target_spacing)
-    image = resample_to_shape(image, out_shape, interpolation_orders(canon.spacing, image_order)).astype(np.float32, copy=False)
+    norm_stats = normalisation.fit(image)
+    # Normalisation is elementwise: the first resampling pass applies it chunk by chunk, so no normalised
+    # copy of the whole volume ever exists (one float32 volume less at the peak for a CT).
+    holder = [image]
+    del image
+    image = _resample_passes(holder, out_shape, interpolation_orders(canon.spacing, image_order),
+                             transform=lambda chunk: normalisation.transform(chunk, norm_stats))
     if label is not None:
         label = resample_labels(label, out_shape, label_mode)
     cropped_shape = [b - a for a, b in bbox]

@@ -18,13 +18,12 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
