@@ -31,7 +31,7 @@ stages:
   - {{name: organ, classes: {{1: organ}}, merge: {{1: [1, 2]}}, spacing_factor: 2.0}}
   - {{name: lesion, classes: {{1: lesion}}, merge: {{1: [2]}}, roi_from: organ, margin_mm: 10}}
 train: {{architecture: unet3d, features: [8, 16, 32, 64], augment: light, max_epochs: {epochs}, iterations_per_epoch: 25,
-        batch_size: 2}}
+        batch_size: 2, foreground_oversample: 0.5}}  # lesions are small: centre half the patches on foreground
 infer: {{overlap: 0.5, tta: false, splits: [val, test]}}
 evaluate: {{n_boot: 500}}
 """
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the synthetic phantom cohort and run the whole pipeline on it")
     _workspace_arg(p)
     p.add_argument("--cases", type=int, default=24, help="number of synthetic cases (default 24)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs per stage (default 10)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per stage (default 20)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("ingest", help="add a cohort to the catalog (only new or changed cases are read)")
