@@ -2,7 +2,6 @@
 end to end on the real hippocampus cohort; `unet3d predict` on the real DICOM series."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -2,7 +2,6 @@
 concurrent writers, DICOM series."""
 from __future__ import annotations
 
-import gzip
 import json
 import multiprocessing
 from pathlib import Path

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet3d.sampling import CaseData, PatchSampler, load_case, map_labels, plan_patch_size
+from unet3d.sampling import PatchSampler, load_case, map_labels, plan_patch_size
 from unet3d.train import TrainSpec, train
 
 REPO = Path(__file__).resolve().parent.parent
