@@ -12,6 +12,8 @@ DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "INFO",
     # Stage results are persisted by the tasks that want it (into the workspace), nothing else.
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    # The library's loggers also run outside flows (`unet3d predict`, tests): no warning about the API there.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -244,7 +244,7 @@ def test_overlap_matches_simpleitk(seed):
 
 @pytest.mark.parametrize("seed", [6, 7, 8])
 def test_distances_match_monai(seed):
-    pytest.importorskip("monai", reason="MONAI (test-extra dependency) is not installed: cross-check skipped")
+    pytest.importorskip("monai", reason="MONAI (a dev-extra dependency) is not installed: cross-check skipped")
     import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
