@@ -7,8 +7,6 @@ interleave their read-modify-write cycles.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
+
+from unet3d.io import atomic_path
 
 CASES_SCHEMA = pa.schema([
     ("cohort", pa.string()),
@@ -107,7 +107,6 @@ class Catalog:
 def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, schema: pa.Schema | None = None) -> Path:
     """Write a DataFrame to Parquet through a temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if schema is not None:
         frame = frame.copy()
         for name in schema.names:
@@ -117,15 +116,8 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, schema: pa.Schem
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     else:
         table = pa.Table.from_pandas(frame, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

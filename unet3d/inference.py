@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,14 @@ import torch
 from scipy import ndimage
 
 from .io import Geometry
-from .resample import CaseProperties, Normalisation, invert_probabilities, preprocess_arrays, resample_to_shape
+from .resample import (
+    CaseProperties,
+    Normalisation,
+    invert_probabilities,
+    preprocess_arrays,
+    resample_to_shape,
+)
+from .sampling import roi_box
 from .sliding_window import sliding_window_predict
 from .train import build_model_from_config, pick_device
 
@@ -93,14 +99,7 @@ def roi_from_mask(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) 
     keep = np.flatnonzero(sizes >= max(MIN_COMPONENT_VOXELS, MIN_COMPONENT_FRACTION * sizes.max())) + 1
     if keep.size == 0:
         keep = np.array([int(np.argmax(sizes)) + 1])
-    kept = np.isin(labels, keep)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(kept.any(axis=other))
-        m = int(math.ceil(margin_mm / spacing[axis]))
-        box.append([max(0, int(hit[0]) - m), min(mask.shape[axis], int(hit[-1]) + 1 + m)])
-    return box
+    return roi_box(np.isin(labels, keep), spacing, margin_mm)
 
 
 @dataclass

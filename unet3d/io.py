@@ -6,11 +6,12 @@ array axes, `size` and `spacing` all share one order.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -154,21 +155,30 @@ def from_numpy(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
-def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds, removed when
+    it fails. Readers never see half a file. The name starts with "." so that dataset discovery (pyarrow,
+    pandas.read_parquet on a folder) skips it while it exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    suffix = next((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=compress)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write an image through a temporary file and a rename."""
+    path = Path(path)
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
     return path
 
 

@@ -21,7 +21,6 @@ import datetime as _dt
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from unet3d.io import atomic_path
 from unet3d.metrics import IGNORE_LABEL
 
 PARTITION_KEYS: tuple[str, ...] = ("run_date", "run_id")
@@ -106,18 +106,10 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     The temporary name starts with "." so that pyarrow's dataset discovery (and so pandas.read_parquet) skips it
     while it exists. On any failure the temporary file is removed and `path` is left as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 

@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
+from .io import atomic_path
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .models import build_network, count_parameters, plan_topology
 from .sampling import IGNORE_INDEX, CaseData, PatchSampler, load_case, plan_patch_size
@@ -140,23 +140,13 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def rng_states() -> dict:
@@ -447,10 +437,8 @@ def _write_log(history: list[dict], path: Path) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(pd.DataFrame(history), preserve_index=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_curve(history: list[dict], path: Path, stage: str) -> None:
@@ -478,11 +466,9 @@ def _write_curve(history: list[dict], path: Path, stage: str) -> None:
     ax1.legend(lines, labels, loc="center right", fontsize=8)
     ax1.set_title(f"stage {stage}")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
