@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unet3d {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `unet3d report | head`: the reader has had enough
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # one line for the user; -v shows the traceback
         if args.verbose:
             raise
@@ -169,6 +172,9 @@ def cmd_ingest(args) -> int:
 
 def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
     from flows.pipeline import pipeline_flow
+    from unet3d.config import load_config
+
+    load_config(config)  # a bad config fails here, in one line, before Prefect starts
 
     t0 = time.perf_counter()
     results = pipeline_flow(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)

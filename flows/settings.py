@@ -14,6 +14,8 @@ DEFAULTS = {
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
     # The library's loggers also run outside flows (`unet3d predict`, tests): no warning about the API there.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # The temporary API server would try to send usage telemetry; hospital networks often have no way out.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
 
