@@ -31,16 +31,17 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
 DOWNSTREAM = {s: STAGES[i:] for i, s in enumerate(STAGES)}
 
-# The source files whose content defines each stage's behaviour.
+# The code that defines each stage's behaviour: whole library files, and from the wiring layer only the
+# functions of that stage (renaming a helper in flows/ must not retrain every model).
 STAGE_SOURCES = {
     "ingest": ["data_catalog/ingest.py", "data_catalog/tables.py", "data_catalog/hashing.py", "unet3d/io.py"],
     "preprocess": ["data_catalog/preprocess.py", "data_catalog/store.py", "unet3d/resample.py", "unet3d/io.py"],
     "split": ["data_catalog/splits.py"],
     "train": ["unet3d/train.py", "unet3d/models.py", "unet3d/losses.py", "unet3d/augment.py", "unet3d/sampling.py",
-              "unet3d/sliding_window.py", "flows/stages.py"],
-    "infer": ["unet3d/inference.py", "unet3d/sliding_window.py", "unet3d/resample.py", "flows/stages.py"],
-    "evaluate": ["unet3d/metrics.py", "flows/stages.py"],
-    "report": ["unet3d/report.py", "unet3d/metrics.py", "flows/stages.py"],
+              "unet3d/sliding_window.py", "flows.stages:run_train", "flows.stages:_stage_settings"],
+    "infer": ["unet3d/inference.py", "unet3d/sliding_window.py", "unet3d/resample.py", "flows.stages:run_infer"],
+    "evaluate": ["unet3d/metrics.py", "flows.stages:run_evaluate"],
+    "report": ["unet3d/report.py", "unet3d/metrics.py", "flows.stages:run_report"],
 }
 
 # Config keys that change how fast a stage runs, not what it produces.
@@ -50,11 +51,18 @@ RUNTIME_ONLY = {"preprocess": {"workers", "dask_address", "memory_limit"}, "trai
 
 @lru_cache(maxsize=None)
 def code_version(stage: str) -> str:
+    import importlib
+    import inspect
+
     h = hashlib.sha256()
-    for rel in STAGE_SOURCES[stage]:
-        path = PACKAGE_ROOT / rel
-        h.update(rel.encode())
-        h.update(path.read_bytes() if path.exists() else b"missing")
+    for ref in STAGE_SOURCES[stage]:
+        h.update(ref.encode())
+        if ":" in ref:
+            module, name = ref.split(":")
+            h.update(inspect.getsource(getattr(importlib.import_module(module), name)).encode())
+        else:
+            path = PACKAGE_ROOT / ref
+            h.update(path.read_bytes() if path.exists() else b"missing")
     return h.hexdigest()[:12]
 
 

@@ -132,7 +132,7 @@ def split_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> d
 @flow(name="train")
 def train_flow(workspace: str, cfg: dict, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
     out = []
-    for stage in S._stages(cfg):
+    for stage in S.stage_list(cfg):
         key = S.key_train(workspace, cfg, stage, preprocess)
         out.append(_call("train", f"train-{stage['name']}", train_task, key, workspace, set(refresh or []),
                          dict(cfg=cfg, stage=stage, preprocess=preprocess)))
@@ -203,7 +203,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     ws = resolve_workspace(workspace)
     cfg_model: PipelineConfig = load_config(config_path)
     cfg = cfg_model.model_dump(mode="json")
-    cfg["stages"] = S._stages(cfg)
+    cfg["stages"] = S.stage_list(cfg)
     refresh_list = expand_refresh(refresh)
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")

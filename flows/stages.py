@@ -29,13 +29,13 @@ from .caching import cohort_fingerprint, config_part, source_fingerprint, split_
 log = logging.getLogger("flows.stages")
 
 
-def _stages(cfg: dict) -> list[dict]:
+def stage_list(cfg: dict) -> list[dict]:
     from unet3d.config import PipelineConfig
     return [s.model_dump(mode="json") for s in PipelineConfig.model_validate(cfg).resolved_stages()]
 
 
 def _factors(cfg: dict) -> tuple[float, ...]:
-    return tuple(sorted({float(s["spacing_factor"]) for s in _stages(cfg)}))
+    return tuple(sorted({float(s["spacing_factor"]) for s in stage_list(cfg)}))
 
 
 def _cohort(cfg: dict) -> str:
@@ -140,7 +140,7 @@ def _stage_cases(workspace: str, cfg: dict) -> pd.DataFrame:
 
 def _stage_settings(cfg: dict, stage: dict) -> tuple[dict | None, dict]:
     """(roi settings for a cascade's second stage, train config with stage overrides)."""
-    stages = _stages(cfg)
+    stages = stage_list(cfg)
     roi = None
     if stage.get("roi_from"):
         first = next(s for s in stages if s["name"] == stage["roi_from"])
@@ -217,7 +217,7 @@ def key_infer(workspace: str, cfg: dict, trains: list[dict], preprocess: dict) -
     cases = _stage_cases(workspace, cfg)
     chosen = cases[cases["split"].isin(cfg["infer"]["splits"])][["case_id", "split", "image_sha256"]]
     return stage_key("infer", [t["key"] for t in trains], config_part("infer", cfg["infer"]), preprocess["plan_ids"],
-                     [s["margin_mm"] for s in _stages(cfg)], chosen.astype(str).to_numpy().tolist())
+                     [s["margin_mm"] for s in stage_list(cfg)], chosen.astype(str).to_numpy().tolist())
 
 
 def run_id_for(cfg: dict, infer_key: str) -> str:
@@ -236,7 +236,7 @@ def run_infer(workspace: str, cfg: dict, key: str, trains: list[dict], preproces
 
     cohort = _cohort(cfg)
     run_id = run_id_for(cfg, key)
-    stages = _stages(cfg)
+    stages = stage_list(cfg)
     store = PreprocessedStore(workspace, cohort)
     device = cfg["train"].get("device", "auto")
     models = [StageModel.load(t["model_dir"], device=device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
@@ -315,7 +315,7 @@ def run_evaluate(workspace: str, cfg: dict, key: str, infer: dict, progress: boo
     run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     catalog = Catalog(workspace)
     cases = catalog.cases(cohort=cohort).set_index("case_id")
-    stages = _stages(cfg)
+    stages = stage_list(cfg)
     pred_root = Path(infer["predictions_dir"])
     rows, lesion_rows = [], []
     for cid, split in tqdm(sorted(infer["splits"].items()), desc="evaluate", unit="case", disable=not progress,
