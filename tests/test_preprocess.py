@@ -155,3 +155,20 @@ def test_hippocampus_round_trip_is_exact_for_every_case(hippocampus_dir, tmp_pat
         restored = invert_labels(np.asarray(label), props, "nearest")
         assert restored.shape == original.shape, case["case_id"]
         assert np.array_equal(restored, original.astype(restored.dtype)), case["case_id"]
+
+
+def test_a_failing_case_is_recorded_and_the_others_go_on(tmp_path):
+    src, ws = _cohort(tmp_path, 10), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    broken = sorted((src / "imagesTr").glob("*.nii.gz"))[3]
+    broken.write_bytes(b"this is not an image")  # damaged after ingestion
+    result = run_preprocessing(ws, "demo", CONFIG, progress=False)
+    assert [f["case_id"] for f in result.failed] == [broken.name[:-7]]
+    assert result.processed == 9
+    catalog = Catalog(ws)
+    issues = catalog.read("issues")
+    row = issues[issues["code"] == "preprocess_failed"].iloc[0]
+    assert row["case_id"] == broken.name[:-7] and row["severity"] == "error" and row["message"]
+    cases = catalog.cases(cohort="demo").set_index("case_id")
+    assert cases.loc[broken.name[:-7], "status"] == "quarantined"
+    assert (cases["status"] == "ok").sum() == 9
