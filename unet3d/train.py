@@ -407,8 +407,6 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         if world > 1:
             dist.barrier()
     bar.close()
-    if epoch == max_epochs - 1 and stopped_by != "time_limit" and time_limit_s is not None and elapsed >= time_limit_s:
-        stopped_by = "max_epochs"
     if is_main:
         if history:
             _write_log(history, log_path)
