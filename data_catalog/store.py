@@ -200,6 +200,10 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: dic
     """Fingerprint, plan and preprocess every `ok` case of a cohort; only missing (case, plan) pairs do work."""
     t0 = time.perf_counter()
     catalog = Catalog(workspace)
+    if refresh:
+        retried = clear_failures(catalog, cohort)
+        if retried:
+            log.info("refresh: %d cases that failed preprocessing before are tried again", retried)
     cases_df = catalog.cases(cohort=cohort, status="ok")
     if case_ids is not None:
         cases_df = cases_df[cases_df["case_id"].isin(case_ids)]

@@ -172,3 +172,18 @@ def test_a_failing_case_is_recorded_and_the_others_go_on(tmp_path):
     cases = catalog.cases(cohort="demo").set_index("case_id")
     assert cases.loc[broken.name[:-7], "status"] == "quarantined"
     assert (cases["status"] == "ok").sum() == 9
+
+
+def test_refresh_tries_failed_cases_again(tmp_path):
+    src, ws = _cohort(tmp_path, 10), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    image = sorted((src / "imagesTr").glob("*.nii.gz"))[2]
+    original = image.read_bytes()
+    image.write_bytes(b"this is not an image")
+    assert len(run_preprocessing(ws, "demo", CONFIG, progress=False).failed) == 1
+    image.write_bytes(original)  # repaired, same content as ingested
+    again = run_preprocessing(ws, "demo", CONFIG, refresh=True, progress=False)
+    assert not again.failed and again.processed + again.cached == 10
+    catalog = Catalog(ws)
+    assert (catalog.cases(cohort="demo")["status"] == "ok").all()
+    assert not (catalog.read("issues")["code"] == "preprocess_failed").any()
