@@ -154,26 +154,30 @@ def _stage_settings(cfg: dict, stage: dict) -> tuple[dict | None, dict]:
     return roi, train
 
 
-def key_train(workspace: str, cfg: dict, stage: dict, preprocess: dict) -> str:
+def _training_inputs(workspace: str, cfg: dict, stage: dict, preprocess: dict) -> tuple[str, list]:
+    """The stage's plan id and the (case, split, content hashes) rows it trains and validates on."""
     cases = _stage_cases(workspace, cfg)
-    plan_id = preprocess["plan_ids"][str(float(stage["spacing_factor"]))]
     members = cases[cases["split"].isin(["train", "val"])][["case_id", "split", "image_sha256", "label_sha256"]]
+    return preprocess["plan_ids"][str(float(stage["spacing_factor"]))], members.astype(str).to_numpy().tolist()
+
+
+def key_train(workspace: str, cfg: dict, stage: dict, preprocess: dict) -> str:
+    plan_id, members = _training_inputs(workspace, cfg, stage, preprocess)
     roi, train = _stage_settings(cfg, stage)
     # Budgets (epochs, time) are part of the key: a longer budget is a different model. The trainer resumes
     # a shorter run's checkpoints when only the budget grew (see TrainSpec.identity).
-    return stage_key("train", stage, config_part("train", train), plan_id, roi,
-                     members.astype(str).to_numpy().tolist())
+    return stage_key("train", stage, config_part("train", train), plan_id, roi, members)
 
 
 def model_dir(workspace: str, cfg: dict, stage: dict, preprocess: dict) -> Path:
     """Checkpoints of a stage live under its data + stage + model-config identity, not the budget, so that
     raising max_epochs continues the run instead of starting over."""
     _roi, train = _stage_settings(cfg, stage)
-    identity = {k: v for k, v in config_part("train", train).items() if k not in ("max_epochs", "time_limit_min")}
-    cases = _stage_cases(workspace, cfg)
-    members = cases[cases["split"].isin(["train", "val"])][["case_id", "split", "image_sha256", "label_sha256"]]
-    ident = stable_hash([stage, identity, preprocess["plan_ids"][str(float(stage["spacing_factor"]))],
-                         members.astype(str).to_numpy().tolist()], 12)
+    budget = ("max_epochs", "time_limit_min")
+    identity = {k: v for k, v in config_part("train", train).items() if k not in budget}
+    stage_identity = {k: v for k, v in stage.items() if k not in budget}
+    plan_id, members = _training_inputs(workspace, cfg, stage, preprocess)
+    ident = stable_hash([stage_identity, identity, plan_id, members], 12)
     return Path(workspace) / "models" / _cohort(cfg) / f"{stage['name']}-{ident}"
 
 
