@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from unet3d.io import (dicom_series, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
+from unet3d.io import (ImageTooLarge, dicom_series, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
                        strip_image_suffix, to_numpy)
 from unet3d.resample import canonical_axes
 
@@ -55,6 +55,8 @@ ISSUE_CODES = {
     "label_float_dtype": (WARNING, "label stored as floating point (values are integers)"),
     "geometry_outlier": (WARNING, "size or spacing far from the cohort's median: likely another dataset"),
     "preprocess_failed": (ERROR, "preprocessing raised an error"),
+    "too_large": (ERROR, "the header claims more voxels than unet3d.io.MAX_IMAGE_VOXELS: refused before reading"),
+    "worker_died": (ERROR, "the process reading the case died (killed, e.g. out of memory); retried on re-ingest"),
 }
 
 # Tolerances for image/label geometry agreement.
@@ -340,6 +342,9 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
         try:
             image = read_image(case.image_files if case.source_kind == "dicom" else case.image_files[0])
+        except ImageTooLarge as exc:  # refused from the header, before any voxel is read
+            out["issues"].append(_issue("too_large", path, f"image {_first_line(exc)}"))
+            image = None
         except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
             out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the image: {_first_line(exc)}"))
             image = None
@@ -374,6 +379,9 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
         try:
             label = read_image(path)
+        except ImageTooLarge as exc:
+            out["issues"].append(_issue("too_large", path, f"label {_first_line(exc)}"))
+            label = None
         except Exception as exc:
             out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the label: {_first_line(exc)}"))
             label = None
@@ -553,9 +561,12 @@ def ingest(
         prev_issues = all_issues[(all_issues["cohort"] == cohort)]
         now = utc_now()
 
+        # a case whose reading killed its process last time is read again (the machine may have had less memory)
+        retry = set(prev_issues.loc[prev_issues["code"] == "worker_died", "case_id"])
         todo, reused = [], []
         for case in src.cases:
-            (reused if _unchanged(case, previous.get(case.case_id)) else todo).append(case)
+            unchanged = case.case_id not in retry and _unchanged(case, previous.get(case.case_id))
+            (reused if unchanged else todo).append(case)
         log.info("cohort %s: %d cases found in %s, %d to read, %d unchanged", cohort, len(src.cases), src.root,
                  len(todo), len(reused))
 
@@ -647,9 +658,85 @@ def _concat(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
 def _inspect_all(cases: list[SourceCase], declared, workers: int, progress) -> list[dict]:
     wrap = progress or (lambda it, **_: it)
     if workers > 1 and len(cases) > 16:
-        # spawn, not fork: the caller may be a multi-threaded Prefect process
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(inspect_case, c, declared) for c in cases]
-            return [f.result() for f in wrap(futures, total=len(cases), desc="ingest")]
+        return _inspect_in_processes(cases, declared, workers, wrap)
     return [inspect_case(c, declared) for c in wrap(cases, total=len(cases), desc="ingest")]
+
+
+def _inspect_in_processes(cases: list[SourceCase], declared, workers: int, wrap) -> list[dict]:
+    """inspect_case over worker processes. A worker that dies (an out-of-memory kill, a crash in a reader)
+    breaks the pool: the cases in flight are then inspected one process each, the one whose process dies
+    gets a `worker_died` issue, and the rest of the cohort goes on in a fresh pool."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    results: list[dict | None] = [None] * len(cases)
+    todo = list(range(len(cases)))[::-1]  # a stack: pop() takes cases in order
+    window = 2 * workers  # cases in flight: a dead worker makes only these suspects
+    # spawn, not fork: the caller may be a multi-threaded Prefect process
+    ctx = multiprocessing.get_context("spawn")
+    bar = iter(wrap(_Ticks(len(cases)), total=len(cases), desc="ingest"))
+    while todo:
+        suspects: list[int] = []
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            running: dict = {}
+            try:
+                while todo or running:
+                    while todo and len(running) < window:
+                        i = todo.pop()
+                        running[pool.submit(inspect_case, cases[i], declared)] = i
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        results[running[future]] = future.result()  # BrokenProcessPool: still in `running`
+                        del running[future]
+                        next(bar, None)
+            except BrokenProcessPool:
+                suspects = sorted(running.values())
+        for i in suspects:  # one process each: the case that kills its process is found and recorded
+            results[i] = _inspect_isolated(cases[i], declared, ctx)
+            next(bar, None)
+    for _ in bar:
+        pass
+    return results  # type: ignore[return-value]
+
+
+class _Ticks:
+    """An iterable of n ticks for the progress wrapper (which wants an iterable and a total)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _inspect_child(conn, inspect, case: SourceCase, declared) -> None:
+    conn.send(inspect(case, declared))
+    conn.close()
+
+
+def _inspect_isolated(case: SourceCase, declared, ctx) -> dict:
+    """inspect_case in a process of its own; its death becomes the case's `worker_died` issue."""
+    receiver, sender = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_inspect_child, args=(sender, inspect_case, case, declared), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv()  # EOFError when the child dies without answering
+    except EOFError:
+        result = None
+    finally:
+        receiver.close()
+        process.join()
+    if result is not None:
+        return result
+    code = process.exitcode
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    hint = " (SIGKILL: usually the out-of-memory killer)" if code == -9 else ""
+    return {"case_id": case.case_id,
+            "issues": [_issue(c, p, m) for c, p, m in case.issues] +
+                      [_issue("worker_died", case.image_path or case.label_path,
+                              f"the process reading this case died ({how}{hint}); the case is read again on the "
+                              f"next ingest")]}

@@ -54,8 +54,11 @@ def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=No
     """func(item, *args) for every item on the Dask client; results in completion order.
 
     Small cases are grouped into chunks (a task costs the scheduler about a millisecond; a small case
-    is not much more). A chunk whose worker died (out of memory, killed) comes back as
-    {"status": "failed"} for each of its cases.
+    is not much more). `func` returns {"status": "failed"} for a case whose data is bad. A failure of the
+    machine is not the case's: an EnvironmentFault raised by `func` (disk full, I/O error, no memory), or a
+    worker that died (Dask's KilledWorker: killed on every worker it was tried on, as an out-of-memory
+    kill does), cancels the remaining work and raises EnvironmentFault, whose one line names the problem
+    and the cases. Cases completed before stay completed, and nothing is recorded against the cases.
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
@@ -72,17 +75,42 @@ def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=No
     by_key = {f.key: c for f, c in zip(futures, chunks)}
     results = []
     bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress, leave=False)
-    for future in as_completed(futures):
-        chunk = by_key[future.key]
-        try:
-            results.extend(future.result())
-        except Exception as exc:  # KilledWorker, CommClosedError ...
-            results.extend({"case_id": item["case_id"], "status": "failed",
-                            "error": f"worker failed on this case: {type(exc).__name__}: {exc}"} for item in chunk)
-        bar.update(len(chunk))
-        future.release()
-    bar.close()
+    try:
+        for future in as_completed(futures):
+            chunk = by_key[future.key]
+            try:
+                results.extend(future.result())
+            except Exception as exc:
+                raise _environment_fault(exc, desc, chunk) from exc
+            bar.update(len(chunk))
+            future.release()
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        bar.close()
     return results
+
+
+_WORKER_DEATHS = ("KilledWorker", "CommClosedError", "StreamClosedError", "FutureCancelledError")
+
+
+def _environment_fault(exc: BaseException, desc: str, chunk: list[dict]) -> BaseException:
+    """The exception a failed chunk becomes: an EnvironmentFault for the machine's problems, else itself."""
+    from .preprocess import EnvironmentFault, as_environment_fault
+
+    if isinstance(exc, EnvironmentFault):
+        return exc
+    ids = ", ".join(str(item["case_id"]) for item in chunk[:5]) + (f" (+{len(chunk) - 5} more)" if len(chunk) > 5 else "")
+    fault = as_environment_fault(exc, f"{desc} of cases {ids}")
+    if fault is not None:
+        return fault
+    if type(exc).__name__ in _WORKER_DEATHS:
+        detail = " ".join(str(exc).split())[:300]
+        return EnvironmentFault(None, f"a worker process died (killed, e.g. out of memory: raise "
+                                      f"preprocess.memory_limit or use fewer workers) during {desc} of cases {ids}: "
+                                      f"{type(exc).__name__}: {detail}")
+    return exc
 
 
 def worker_memory(client) -> dict[str, dict[str, float]]:

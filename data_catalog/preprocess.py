@@ -4,9 +4,14 @@ These functions run inside Dask workers: they take and return small picklable di
 SimpleITK (no torch, no pandas), never raise for a bad case (a failure is returned and becomes an
 issues row), and write each case through a temporary folder that is renamed into place at the end, so
 that a worker killed midway leaves nothing that looks complete.
+
+A problem of the machine rather than of the case (a full disk, an I/O error, no memory) is not a case
+failure: it raises `EnvironmentFault`, the stage fails with one line that names the problem, nothing is
+quarantined, and the rerun after the problem is fixed processes the cases normally.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet3d.io import Geometry, read_image, to_numpy
+from unet3d.io import Geometry, atomic_path, read_image, to_numpy
 from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
                              preprocess_consuming)
 
@@ -25,6 +30,69 @@ from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, 
 PREPROCESS_VERSION = 3
 FOREGROUND_SAMPLE_PER_CASE = 10_000
 TMP_PREFIX = ".tmp-"
+
+
+class EnvironmentFault(OSError):
+    """The environment failed (disk full, I/O error, out of memory, a dead worker), not the case's data.
+
+    An OSError with the original errno (so that a retry policy keyed on errno still applies); its str() is
+    one line that names the problem, e.g. "disk full (No space left on device) while writing case X: ...".
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+# errno -> what the user is told. These are the machine's problems whatever the file.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.EIO: "I/O error",
+    errno.EROFS: "read-only file system",
+    errno.ENOMEM: "out of memory",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files",
+    errno.ESTALE: "stale network file handle",
+    errno.ETIMEDOUT: "I/O timed out",
+    errno.EAGAIN: "resource temporarily unavailable",
+    errno.EBUSY: "device or resource busy",
+}
+
+
+def environment_problem(exc: BaseException, writing: bool = False) -> str | None:
+    """What went wrong with the machine, or None when `exc` is the case's own problem (bad data).
+
+    `writing`: the exception came from writing the workspace, where any OSError is the machine's (a short
+    write such as numpy's "53760 requested and 6112 written" carries no errno but means a full disk).
+    """
+    if isinstance(exc, EnvironmentFault):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno in ENVIRONMENT_ERRNOS:
+        return ENVIRONMENT_ERRNOS[exc.errno]
+    if exc.errno is None and "requested and" in str(exc) and "written" in str(exc):
+        return "disk full (short write)"
+    if writing:
+        return "cannot write the workspace"
+    return None
+
+
+def as_environment_fault(exc: BaseException, what: str, writing: bool = False) -> EnvironmentFault | None:
+    """`exc` as an EnvironmentFault whose one-line message says `problem while what: exc`, or None."""
+    problem = environment_problem(exc, writing)
+    if problem is None:
+        return None
+    if isinstance(exc, EnvironmentFault):
+        return exc
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if code is None and problem.startswith("disk full"):
+        code = errno.ENOSPC
+    return EnvironmentFault(code, f"{problem} while {what}: {type(exc).__name__}: {detail}")
 
 
 def _single_thread_itk() -> None:
@@ -60,9 +128,15 @@ def case_dirname(case: dict) -> str:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _raise_if_environment(exc: BaseException, what: str, writing: bool = False) -> None:
+    fault = as_environment_fault(exc, what, writing)
+    if fault is not None:
+        raise fault from exc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,21 +184,28 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
             "class_voxels": classes,
             "labelled": label is not None,
         }
+    except Exception as exc:  # a bad case must not stop the cohort; a full disk or no memory must
+        _raise_if_environment(exc, f"fingerprinting case {case['case_id']}")
+        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_json(path, record)
-        return {"case_id": case["case_id"], "status": "done", "path": str(path)}
-    except Exception as exc:  # a bad case must not stop the cohort
+    except Exception as exc:
+        _raise_if_environment(exc, f"writing the fingerprint of case {case['case_id']} in {path.parent}", writing=True)
         return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+    return {"case_id": case["case_id"], "status": "done", "path": str(path)}
 
 
 def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
-    """Preprocess one case with `plan` into `plan_dir/<case_id>__<content key>/`; skip it if already there."""
+    """Preprocess one case with `plan` into `plan_dir/<case_id>__<content key>/`; skip it if already there.
+
+    Returns {"status": "failed"} for a case whose data cannot be preprocessed; raises EnvironmentFault when
+    the machine fails (full disk, I/O error, out of memory), leaving no partial folder behind.
+    """
     _single_thread_itk()
     final = Path(plan_dir) / case_dirname(case)
     if case_complete(final):
         return {"case_id": case["case_id"], "status": "cached", "dir": str(final)}
-    if final.exists():  # left incomplete by a crash of the machine
-        shutil.rmtree(final, ignore_errors=True)
     tmp = Path(plan_dir) / f"{TMP_PREFIX}{case_dirname(case)}-{uuid.uuid4().hex[:8]}"
     try:
         image, label, geometry = _read_case(case)
@@ -136,6 +217,12 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
         image, label, props = preprocess_consuming(
             arrays, geometry, plan["target_spacing"], normalisation,
             image_order=plan["image_order"], label_mode=plan["label_mode"])
+    except Exception as exc:  # the case's data; a full disk or no memory is raised instead
+        _raise_if_environment(exc, f"preprocessing case {case['case_id']}")
+        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+    try:
+        if final.exists():  # left incomplete by a crash of the machine
+            shutil.rmtree(final)
         tmp.mkdir(parents=True)
         np.save(tmp / "image.npy", image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
         if label is not None:
@@ -150,16 +237,17 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
         try:
             os.rename(tmp, final)  # atomic: the case appears complete or not at all
         except OSError:
-            if (final / "props.json").exists():  # another worker finished the same case first
+            if case_complete(final):  # another worker finished the same case first
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
         _remove_stale_versions(Path(plan_dir), case["case_id"], final.name)
-        return {"case_id": case["case_id"], "status": "done", "dir": str(final),
-                "shape": list(image.shape), "peak_rss_mb": _peak_rss_mb()}
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_environment(exc, f"writing case {case['case_id']} to {plan_dir}", writing=True)
         return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
+    return {"case_id": case["case_id"], "status": "done", "dir": str(final),
+            "shape": list(image.shape), "peak_rss_mb": _peak_rss_mb()}
 
 
 def case_complete(case_dir: Path) -> bool:

@@ -18,6 +18,15 @@ import SimpleITK as sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
+# The most voxels (times components) an image may claim in its header before any voxel is read: 2^31, an
+# 8 GiB float32 volume, far above any scan (a 1024x1024x2000 CT is 2^31). A file claiming more is refused
+# from its header in milliseconds instead of allocating the claimed size (a 3 KB .nii.gz can claim 2000^3).
+MAX_IMAGE_VOXELS = 2**31
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more than MAX_IMAGE_VOXELS voxels; raised before voxels are read."""
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -118,19 +127,44 @@ def read_dicom_tags(first_file: str | Path) -> dict[str, str]:
     return tags
 
 
-def read_image(source: str | Path | Sequence[str]) -> sitk.Image:
-    """Read a file, or a DICOM series given as its list of slice files (or a folder holding one series)."""
+def check_size(header: HeaderInfo, slices: int = 1, limit: int | None = None, name: str = "") -> None:
+    """Raise ImageTooLarge when the header (times `slices` for a DICOM series) claims more than `limit` voxels."""
+    limit = MAX_IMAGE_VOXELS if limit is None else limit
+    size = list(header.geometry.size)
+    if slices > 1:
+        size = size[:2] + [slices] if len(size) >= 2 else size + [slices]
+    voxels = int(np.prod([max(int(s), 1) for s in size], dtype=object)) * max(header.components, 1)
+    if voxels > limit:
+        shape = "x".join(str(s) for s in size)
+        raise ImageTooLarge(f"{name + ': ' if name else ''}header claims {shape} voxels"
+                            f"{f' x {header.components} components' if header.components > 1 else ''} "
+                            f"({voxels:.3g}), more than the limit of {limit:.3g} (MAX_IMAGE_VOXELS); not read")
+
+
+def read_image(source: str | Path | Sequence[str], max_voxels: int | None = None) -> sitk.Image:
+    """Read a file, or a DICOM series given as its list of slice files (or a folder holding one series).
+
+    The header is read first: an image claiming more than `max_voxels` (default MAX_IMAGE_VOXELS) raises
+    ImageTooLarge before any voxel is read or allocated."""
     if isinstance(source, (list, tuple)):
+        files = [str(f) for f in source]
+        if files:
+            check_size(read_header(files[0]), slices=len(files), limit=max_voxels, name=str(Path(files[0]).parent))
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames([str(f) for f in source])
+        reader.SetFileNames(files)
         return reader.Execute()
     path = Path(source)
     if path.is_dir():
         series = dicom_series(path)
         if len(series) != 1:
             raise ValueError(f"{path}: expected one DICOM series, found {len(series)}")
-        return read_image(series[0][1])
-    return sitk.ReadImage(str(path))
+        return read_image(series[0][1], max_voxels)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    check_size(HeaderInfo(Geometry.of(reader), "", int(reader.GetNumberOfComponents()), {}), limit=max_voxels,
+               name=str(path))
+    return reader.Execute()
 
 
 def to_numpy(image: sitk.Image, dtype=None) -> np.ndarray:
@@ -201,9 +235,28 @@ def nifti_nonfinite_voxels(path: str | Path) -> int | None:
     opener = gzip.open if name.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(540)
+            parsed = _nifti_layout(raw)
+            if parsed is None:
+                return None
+            n, dtype, offset = parsed
+            # Read only what the header says the data holds (a compressed file may expand to far more).
+            need = offset + n * dtype.itemsize
+            if n > MAX_IMAGE_VOXELS:
+                raise ValueError(f"header claims {n:.3g} voxels, more than the limit of {MAX_IMAGE_VOXELS:.3g}")
+            raw += f.read(max(need - len(raw), 0))
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ValueError(f"compressed data is truncated or corrupt ({exc})") from None
+    if len(raw) - offset < n * dtype.itemsize:
+        raise ValueError(f"voxel data is truncated: {len(raw) - offset} of {n * dtype.itemsize} bytes")
+    if dtype.kind != "f":
+        return 0
+    data = np.frombuffer(raw, dtype=dtype, count=n, offset=offset)
+    return int(n - np.count_nonzero(np.isfinite(data)))
+
+
+def _nifti_layout(raw: bytes) -> tuple[int, np.dtype, int] | None:
+    """(voxel count, dtype, data offset) from the start of a NIfTI-1/2 file; None when unusual or not NIfTI."""
     if len(raw) < 348:
         raise ValueError(f"file holds {len(raw)} bytes, less than a NIfTI header")
     for order in ("<", ">"):
@@ -217,16 +270,12 @@ def nifti_nonfinite_voxels(path: str | Path) -> int | None:
         code = int(np.frombuffer(raw[70:72], dtype=f"{order}i2")[0])
         offset = int(np.frombuffer(raw[108:112], dtype=f"{order}f4")[0])
     else:  # NIfTI-2
+        if len(raw) < 540:
+            raise ValueError(f"file holds {len(raw)} bytes, less than a NIfTI-2 header")
         dims = np.frombuffer(raw[16:80], dtype=f"{order}i8")
         code = int(np.frombuffer(raw[12:14], dtype=f"{order}i2")[0])
         offset = int(np.frombuffer(raw[168:176], dtype=f"{order}i8")[0])
     if code not in _NIFTI_DTYPES or not 1 <= int(dims[0]) <= 7:
         return None
-    n = int(np.prod([max(int(d), 1) for d in dims[1:1 + int(dims[0])]]))
-    dtype = np.dtype(f"{order}{_NIFTI_DTYPES[code]}")
-    if len(raw) - offset < n * dtype.itemsize:
-        raise ValueError(f"voxel data is truncated: {len(raw) - offset} of {n * dtype.itemsize} bytes")
-    if dtype.kind != "f":
-        return 0
-    data = np.frombuffer(raw, dtype=dtype, count=n, offset=offset)
-    return int(n - np.count_nonzero(np.isfinite(data)))
+    n = int(np.prod([max(int(d), 1) for d in dims[1:1 + int(dims[0])]], dtype=object))
+    return n, np.dtype(f"{order}{_NIFTI_DTYPES[code]}"), max(offset, 0)

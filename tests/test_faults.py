@@ -1,0 +1,193 @@
+"""Fault injection: a full disk (or another failure of the machine) during preprocessing is not a case's
+fault. The stage fails with one line that says what happened, nothing is quarantined, nothing half-written
+stays, and the rerun after space is freed gives results identical to an uninterrupted run."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_catalog import store as store_module
+from data_catalog.demo import generate_demo_cohort
+from data_catalog.ingest import ingest
+from data_catalog.preprocess import EnvironmentFault, environment_problem, preprocess_case
+from data_catalog.store import run_preprocessing
+from data_catalog.tables import Catalog
+
+CONFIG = {"target_spacing": "auto", "normalisation": "auto", "workers": 1, "dask_address": None,
+          "image_interpolation": "cubic", "label_interpolation": "linear", "memory_limit": "2GB"}
+
+
+@contextlib.contextmanager
+def _in_process_client(workers=1, dask_address=None, memory_limit="auto"):
+    """Dask workers as threads of this process, so that a monkeypatched write reaches them."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture()
+def threads_cluster(monkeypatch):
+    monkeypatch.setattr(store_module, "dask_client", _in_process_client)
+
+
+def _cohort(root: Path, n: int = 6) -> Path:
+    return generate_demo_cohort(root, n_cases=n, seed=5, shape=(32, 32, 16), base_spacing=(3.0, 3.0, 6.0))
+
+
+def _outputs(ws: Path, cohort: str) -> dict[str, dict]:
+    """Every preprocessed case: its arrays and properties, by folder name."""
+    out = {}
+    for plan_dir in sorted((ws / "preprocessed" / cohort).iterdir()):
+        if plan_dir.name in ("plans", "fingerprints") or not plan_dir.is_dir():
+            continue
+        for d in sorted(plan_dir.iterdir()):
+            if d.name.startswith("."):
+                continue
+            out[f"{plan_dir.name}/{d.name}"] = {
+                "image": np.load(d / "image.npy"),
+                "label": np.load(d / "label.npy") if (d / "label.npy").exists() else None,
+                "props": json.loads((d / "props.json").read_text()),
+            }
+    return out
+
+
+def _leftovers(ws: Path) -> list[str]:
+    root = ws / "preprocessed"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(".tmp") or
+                  (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+
+def _full_disk(kind: str):
+    if kind == "enospc":
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError("53760 requested and 6112 written")  # numpy's short write on a full disk, no errno
+
+
+@pytest.mark.parametrize("kind", ["enospc", "short_write"])
+def test_full_disk_during_preprocessing_quarantines_nothing_and_the_rerun_is_identical(tmp_path, monkeypatch,
+                                                                                       threads_cluster, kind):
+    src = _cohort(tmp_path / "src")
+    reference_ws, ws = tmp_path / "reference", tmp_path / "ws"
+    ingest(src, "demo", reference_ws)
+    reference = run_preprocessing(reference_ws, "demo", CONFIG, spacing_factors=(1.0, 2.0), progress=False)
+    assert not reference.failed and reference.processed == 12
+
+    ingest(src, "demo", ws)
+    real_save = np.save
+    calls = {"n": 0}
+
+    def save_until_the_disk_is_full(file, arr, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:  # the disk fills up in the middle of the third case
+            Path(file).write_bytes(b"\x93NUMPY\x01\x00")  # half a file, as a full disk leaves it
+            raise _full_disk(kind)
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_the_disk_is_full)
+    with pytest.raises(EnvironmentFault) as info:
+        run_preprocessing(ws, "demo", CONFIG, spacing_factors=(1.0, 2.0), progress=False)
+    message = str(info.value)
+    assert "disk full" in message and "\n" not in message, message
+    catalog = Catalog(ws)
+    assert (catalog.cases(cohort="demo")["status"] == "ok").all()
+    assert catalog.read("issues").query("code == 'preprocess_failed'").empty
+    assert _leftovers(ws) == []  # no half-written case folder or file stays behind
+
+    monkeypatch.setattr(np, "save", real_save)  # space freed
+    rerun = run_preprocessing(ws, "demo", CONFIG, spacing_factors=(1.0, 2.0), progress=False)
+    assert not rerun.failed and rerun.processed + rerun.cached == 12 and rerun.cached >= 2
+    assert rerun.plan_ids == reference.plan_ids
+    assert (catalog.cases(cohort="demo")["status"] == "ok").all()
+    assert catalog.read("issues").query("code == 'preprocess_failed'").empty
+    ours, theirs = _outputs(ws, "demo"), _outputs(reference_ws, "demo")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 12
+    for name, case in ours.items():
+        assert np.array_equal(case["image"], theirs[name]["image"]), name
+        assert np.array_equal(case["label"], theirs[name]["label"]), name
+        assert case["props"] == theirs[name]["props"], name
+
+
+def test_full_disk_while_fingerprinting_quarantines_nothing(tmp_path, monkeypatch, threads_cluster):
+    """A CT cohort is fingerprinted first (intensity statistics): the disk fills up there."""
+    src, ws = _cohort(tmp_path / "src"), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    real_write_text = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.parent.name == "fingerprints":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(EnvironmentFault, match="disk full"):
+        run_preprocessing(ws, "demo", CONFIG, progress=False)
+    catalog = Catalog(ws)
+    assert (catalog.cases(cohort="demo")["status"] == "ok").all()
+    assert catalog.read("issues").query("code == 'preprocess_failed'").empty
+    assert _leftovers(ws) == []
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    rerun = run_preprocessing(ws, "demo", CONFIG, progress=False)
+    assert not rerun.failed and rerun.processed == 6
+
+
+def test_bad_data_is_still_a_case_failure_and_memory_errors_are_not(tmp_path, monkeypatch):
+    """The line between the two: a damaged file quarantines its case; MemoryError raises."""
+    src, ws = _cohort(tmp_path / "src", 1), tmp_path / "ws"
+    ingest(src, "demo", ws)
+    case = store_module.case_records(Catalog(ws).cases(cohort="demo"))[0]
+    plan = {"plan_id": "p", "target_spacing": [3.0, 3.0, 6.0], "image_order": 1, "label_mode": "nearest",
+            "normalisation": {"scheme": "zscore"}}
+    Path(case["image_path"]).write_bytes(b"not an image")
+    failed = preprocess_case(case, plan, str(tmp_path / "plan"))
+    assert failed["status"] == "failed" and "RuntimeError" in failed["error"]
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr("data_catalog.preprocess._read_case", no_memory)
+    with pytest.raises(EnvironmentFault, match="out of memory while preprocessing case"):
+        preprocess_case(case, plan, str(tmp_path / "plan"))
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+    (OSError(errno.EIO, "Input/output error"), "I/O error"),
+    (OSError("53760 requested and 6112 written"), "disk full (short write)"),
+    (MemoryError(), "out of memory"),
+    (RuntimeError("ITK cannot read"), None),
+    (FileNotFoundError(errno.ENOENT, "No such file"), None),
+    (ValueError("bad spacing"), None),
+])
+def test_environment_problems_are_told_apart_from_data_problems(exc, expected):
+    assert environment_problem(exc) == expected
+
+
+def test_a_dead_worker_fails_the_stage_instead_of_quarantining(tmp_path):
+    """A worker process that dies (as an out-of-memory kill does) is the machine's problem: map_cases raises
+    an EnvironmentFault naming the cases, and no case comes back as failed."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from data_catalog.parallel import map_cases
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(EnvironmentFault, match="worker process died.*case_7"):
+            map_cases(_die, [{"case_id": f"case_{i}"} for i in range(8)], client=client, progress=False,
+                      chunk_size=1)
+
+
+def _die(item: dict) -> dict:
+    if item["case_id"] == "case_7":
+        os._exit(9)
+    return {"case_id": item["case_id"], "status": "done"}
