@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from unet3d.io import (ImageTooLarge, dicom_series, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
+from unet3d.io import (ImageTooLarge, dicom_series, dicom_slice_positions, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
                        strip_image_suffix, to_numpy)
 from unet3d.resample import canonical_axes
 
@@ -49,12 +49,13 @@ ISSUE_CODES = {
     "direction_mismatch": (ERROR, "image and label directions differ"),
     "label_non_integer": (ERROR, "label holds non-integer values"),
     "label_undeclared": (ERROR, "label holds values that the cohort does not declare"),
-    "path_outside_cohort": (ERROR, "dataset.json entry points outside the cohort folder"),
+    "path_outside_cohort": (ERROR, "a dataset.json entry or a symlink resolves outside the cohort folder"),
     "duplicate_case_id": (ERROR, "two sources map to the same case id"),
     "label_empty": (WARNING, "label holds no foreground"),
     "label_float_dtype": (WARNING, "label stored as floating point (values are integers)"),
     "geometry_outlier": (WARNING, "size or spacing far from the cohort's median: likely another dataset"),
     "preprocess_failed": (ERROR, "preprocessing raised an error"),
+    "dicom_slices_missing": (ERROR, "a DICOM series' slice positions are not evenly spaced (missing or extra slices)"),
     "too_large": (ERROR, "the header claims more voxels than unet3d.io.MAX_IMAGE_VOXELS: refused before reading"),
     "worker_died": (ERROR, "the process reading the case died (killed, e.g. out of memory); retried on re-ingest"),
 }
@@ -68,6 +69,8 @@ PLAUSIBLE_SPACING_MM = (0.01, 50.0)
 # or its physical extent by more than OUTLIER_EXTENT_FACTOR.
 OUTLIER_SPACING_FACTOR = 3.0
 OUTLIER_EXTENT_FACTOR = 4.0
+# A DICOM series' gap between neighbouring slices may differ from its median gap by this fraction at most.
+DICOM_SLICE_GAP_TOLERANCE = 0.1
 
 
 class IngestError(Exception):
@@ -145,6 +148,11 @@ def _inside(root: Path, path: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _outside_issue(root: Path, link: Path) -> tuple[str, str, str]:
+    return ("path_outside_cohort", str(link), f"{link.relative_to(link.parent.parent)} is a symlink to {link.resolve()}, "
+                                              f"outside the cohort folder {root}: not read (copy the file into the folder)")
 
 
 def _discover_msd(root: Path) -> Source:
@@ -226,34 +234,47 @@ def _discover_msd(root: Path) -> Source:
     # Files on disk that dataset.json does not list (nnU-Net v2 lists none): images join as cases,
     # labels without an image are reported.
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    unlisted_images = sorted(p.resolve() for p in images_dir.glob("*") if is_image_file(p) and p.resolve() not in seen_images) if images_dir.is_dir() else []
-    for image in unlisted_images:
-        cid = _case_id_from_file(image)
+    # Case ids come from the names in the folder (a symlink keeps its own name), files from their targets.
+    unlisted_images = sorted(p for p in images_dir.glob("*") if is_image_file(p) and p.resolve() not in seen_images) \
+        if images_dir.is_dir() else []
+    for link in unlisted_images:
+        cid = _case_id_from_file(link)
         if cid in cases and cases[cid].image_files:
             continue
-        label = labels_dir / (cid + file_ending)
         case = cases.get(cid) or SourceCase(case_id=cid, image_files=None, label_path=None, source_kind="msd", modality=modality)
-        case.image_files = [str(image)]
-        if label.exists():
-            case.label_path = str(label.resolve())
-            seen_labels.add(label.resolve())
-        else:
-            case.issues.append(("label_missing", str(image), f"image {image.name} has no label in labelsTr/"))
         cases[cid] = case
+        if not _inside(root, link):
+            case.issues.append(_outside_issue(root, link))
+            continue
+        image = link.resolve()
+        case.image_files = [str(image)]
+        label = labels_dir / (cid + file_ending)
+        if label.exists():
+            seen_labels.add(label.resolve())
+            if _inside(root, label):
+                case.label_path = str(label.resolve())
+            else:
+                case.issues.append(_outside_issue(root, label))
+        else:
+            case.issues.append(("label_missing", str(image), f"image {link.name} has no label in labelsTr/"))
     if labels_dir.is_dir():
-        for label in sorted(p.resolve() for p in labels_dir.glob("*") if is_image_file(p)):
+        for link in sorted(p for p in labels_dir.glob("*") if is_image_file(p)):
+            label = link.resolve()
             if label in seen_labels:
                 continue
-            cid = _case_id_from_file(label)
+            cid = _case_id_from_file(link)
+            outside = None if _inside(root, link) else _outside_issue(root, link)
             if cid in cases:
-                if cases[cid].label_path is None:
+                if outside:
+                    cases[cid].issues.append(outside)
+                elif cases[cid].label_path is None:
                     cases[cid].label_path = str(label)
                     cases[cid].issues = [i for i in cases[cid].issues if i[0] != "label_missing"]
                 continue
-            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=str(label), source_kind="msd",
-                                    modality=modality,
-                                    issues=[("image_missing", str(label), f"label {label.name} has no image in imagesTr/ "
-                                                                          f"and no dataset.json entry")])
+            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=None if outside else str(label),
+                                    source_kind="msd", modality=modality,
+                                    issues=[outside or ("image_missing", str(label), f"label {link.name} has no image in "
+                                                                                     f"imagesTr/ and no dataset.json entry")])
     return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality)
 
 
@@ -261,27 +282,54 @@ def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
     if labels_dir is not None and not labels_dir.is_dir():
         raise IngestError(f"labels folder {labels_dir} does not exist")
     cases: dict[str, SourceCase] = {}
-    for image in sorted(p.resolve() for p in root.iterdir() if p.is_file() and is_image_file(p)):
-        cid = _case_id_from_file(image)
-        case = SourceCase(case_id=cid, image_files=[str(image)], label_path=None, source_kind="folder")
+    # Case ids come from the names in the folder (a symlink keeps its own name), files from their targets;
+    # a symlink whose target is outside the folder is reported, not read.
+    for link in sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)):
+        cid = _case_id_from_file(link)
+        inside = _inside(root, link)
+        case = SourceCase(case_id=cid, image_files=[str(link.resolve())] if inside else None, label_path=None,
+                          source_kind="folder", issues=[] if inside else [_outside_issue(root, link)])
         if cid in cases:
-            case.issues.append(("duplicate_case_id", str(image),
-                                f"{image.name} and {Path(cases[cid].image_files[0]).name} both give case id {cid}"))
-            case.case_id = f"{cid}__{image.name}"
+            other = cases[cid]
+            case.issues.append(("duplicate_case_id", str(link), f"{link.name} and "
+                                f"{Path(other.image_files[0] if other.image_files else other.issues[0][1]).name} "
+                                f"both give case id {cid}"))
+            case.case_id = f"{cid}__{link.name}"
         cases[case.case_id] = case
     if labels_dir is not None:
-        labels = {}
-        for label in sorted(p.resolve() for p in labels_dir.iterdir() if p.is_file() and is_image_file(p)):
-            labels.setdefault(_case_id_from_file(label), label)
+        labels: dict[str, Path] = {}
+        outside: dict[str, tuple[str, str, str]] = {}
+        for link in sorted(p for p in labels_dir.iterdir() if p.is_file() and is_image_file(p)):
+            cid = _case_id_from_file(link)
+            if cid in labels or cid in outside:
+                continue
+            if _inside(labels_dir, link):
+                labels[cid] = link.resolve()
+            else:
+                outside[cid] = _outside_issue(labels_dir, link)
         for cid, case in cases.items():
             if cid in labels:
                 case.label_path = str(labels.pop(cid))
+            elif cid in outside:
+                case.issues.append(outside.pop(cid))
             else:
                 case.issues.append(("label_missing", case.image_path, f"no label named {cid}.* in {labels_dir}"))
         for cid, label in labels.items():
             cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=str(label), source_kind="folder",
                                     issues=[("image_missing", str(label), f"label {label.name} has no image in {root}")])
+        for cid, issue in outside.items():
+            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=None, source_kind="folder", issues=[issue])
     return Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None)
+
+
+def _dicom_magic(path: Path) -> bool:
+    """A file that says it is DICOM (the "DICM" marker after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _discover_dicom(root: Path, labels_dir: Path | None) -> Source:
@@ -293,6 +341,8 @@ def _discover_dicom(root: Path, labels_dir: Path | None) -> Source:
             series = dicom_series(folder)
         except RuntimeError:
             continue
+        placed = {Path(f).name for _, slices in series for f in slices}
+        broken = sorted(f for f in files if f not in placed and _dicom_magic(Path(folder) / f))
         for uid, slices in series:
             rel = Path(folder).relative_to(root)
             base = root.name if str(rel) == "." else "_".join(rel.parts)
@@ -303,6 +353,13 @@ def _discover_dicom(root: Path, labels_dir: Path | None) -> Source:
                 tags = {}
             case = SourceCase(case_id=cid, image_files=slices, label_path=None, source_kind="dicom",
                               patient_id=tags.get("PatientID") or None, modality=normalise_modality(tags.get("Modality")))
+            if len(series) == 1 and broken:
+                case.issues.append(("unreadable", str(Path(folder)), f"{len(broken)} DICOM file(s) beside the series "
+                                    f"cannot be read (truncated or corrupt slices?): {', '.join(broken[:5])}"))
+            escaping = [Path(f) for f in slices if not _inside(root, Path(f))]
+            if escaping:
+                case.image_files = None
+                case.issues.append(_outside_issue(root, escaping[0]))
             if labels_dir is not None:
                 matches = [p for p in labels_dir.iterdir() if is_image_file(p) and _case_id_from_file(p) == cid]
                 if matches:
@@ -340,6 +397,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["image_stat"] = stat_fingerprint(case.image_files)
         except OSError as exc:
             out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
+        if case.source_kind == "dicom":
+            out["issues"] += _check_dicom_slices(case.image_files, path)
         try:
             image = read_image(case.image_files if case.source_kind == "dicom" else case.image_files[0])
         except ImageTooLarge as exc:  # refused from the header, before any voxel is read
@@ -404,6 +463,31 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                 except ValueError as exc:
                     out["issues"].append(_issue("unreadable", path, str(exc)))
     return out
+
+
+def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
+    """Slice positions of a DICOM series (from the headers) must be evenly spaced: a missing or unreadable
+    slice makes ITK read the series with a wrong spacing and only warn on stderr."""
+    try:
+        positions = np.sort(dicom_slice_positions(files))
+    except ValueError as exc:
+        return [_issue("unreadable", path, str(exc))]
+    if len(positions) < 2:
+        return []
+    gaps = np.diff(positions)
+    spacing = float(np.median(gaps))
+    if spacing <= 0:
+        return [_issue("dicom_slices_missing", path, f"{int((gaps == 0).sum())} slices share a position: "
+                                                     f"duplicated slices, not one volume")]
+    bad = np.flatnonzero(np.abs(gaps - spacing) > DICOM_SLICE_GAP_TOLERANCE * spacing)
+    if not len(bad):
+        return []
+    missing = int(round(float(np.sum(gaps[bad] / spacing - 1))))
+    i = int(bad[0])
+    return [_issue("dicom_slices_missing", path,
+                   f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
+                   f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
+                   f"slice(s) missing); read as one volume its spacing would be wrong")]
 
 
 def _first_line(exc: Exception) -> str:

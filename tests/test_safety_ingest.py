@@ -140,3 +140,79 @@ def test_a_dead_ingest_worker_is_recorded_against_its_case_and_the_rest_go_on(tm
     monkeypatch.setattr(ingest_module, "inspect_case", _real_inspect_case)  # e.g. more memory tonight
     again = ingest(folder, "c", ws, workers=2)
     assert again.n_ok == 21 and codes(ws, "c") == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 5: symlinks that leave the cohort folder
+# ---------------------------------------------------------------------------------------------------------
+def test_a_symlink_leaving_a_plain_cohort_folder_is_reported_not_ingested(tmp_path):
+    folder, outside = tmp_path / "scans", tmp_path / "private"
+    write(folder / "real.nii.gz", blob())
+    secret = write(outside / "secret.nii.gz", blob(seed=9))
+    (folder / "escape.nii.gz").symlink_to(secret)
+    (folder / "alias.nii.gz").symlink_to("real.nii.gz")  # inside the folder: fine, keeps its own name
+    ws = tmp_path / "ws"
+    ingest(folder, "plain", ws)
+    assert codes(ws, "plain") == {"escape": {"path_outside_cohort"}}
+    assert statuses(ws, "plain") == {"alias": "ok", "escape": "quarantined", "real": "ok"}
+    cases = Catalog(ws).cases(cohort="plain").set_index("case_id")
+    assert not isinstance(cases.loc["escape", "image_sha256"], str)  # never read
+    message = Catalog(ws).read("issues").iloc[0]["message"]
+    assert "escape.nii.gz" in message and "outside the cohort folder" in message
+
+
+def test_a_symlink_leaving_an_msd_folder_is_reported_not_ingested(tmp_path):
+    root, outside = tmp_path / "Task", tmp_path / "private"
+    for i in range(2):
+        write(root / "imagesTr" / f"c{i}.nii.gz", blob(seed=i))
+        write(root / "labelsTr" / f"c{i}.nii.gz", mask())
+    (root / "imagesTr" / "leak.nii.gz").symlink_to(write(outside / "img.nii.gz", blob()))
+    write(root / "labelsTr" / "leak.nii.gz", mask())
+    write(root / "imagesTr" / "leaklabel.nii.gz", blob())
+    (root / "labelsTr" / "leaklabel.nii.gz").symlink_to(write(outside / "lab.nii.gz", mask()))
+    (root / "dataset.json").write_text(json.dumps({"name": "t", "modality": {"0": "MRI"},
+                                                   "labels": {"0": "background", "1": "a"}, "training": []}))
+    ws = tmp_path / "ws"
+    ingest(root, "msd", ws)
+    found = codes(ws, "msd")
+    assert found["leak"] == {"path_outside_cohort"} and "path_outside_cohort" in found["leaklabel"]
+    assert set(found) == {"leak", "leaklabel"}
+    assert statuses(ws, "msd") == {"c0": "ok", "c1": "ok", "leak": "quarantined", "leaklabel": "quarantined"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 7: DICOM series with a missing or a corrupt slice
+# ---------------------------------------------------------------------------------------------------------
+def _series_copy(dicom_dir: Path, dest: Path) -> Path:
+    shutil.copytree(dicom_dir, dest)
+    for f in dest.iterdir():
+        f.chmod(0o644)
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["removed", "truncated", "overwritten"])
+def test_a_dicom_series_with_a_missing_or_corrupt_slice_is_not_ok(dicom_dir, tmp_path, damage):
+    """Issue 10 item 7: ITK reads such a series with a wrong spacing (1.033 instead of 1 mm) and only warns
+    on stderr; the ingest reports it (`dicom_slices_missing`, plus `unreadable` naming a corrupt file)."""
+    series = _series_copy(dicom_dir, tmp_path / "scans" / "patient1")
+    _series_copy(dicom_dir, tmp_path / "scans" / "patient2")  # intact
+    victim = series / "16.dcm"
+    if damage == "removed":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    else:
+        data = bytearray(victim.read_bytes())
+        data[300:700] = b"\xff" * 400
+        victim.write_bytes(bytes(data))
+    ws = tmp_path / "ws"
+    ingest(tmp_path / "scans", "dcm", ws)
+    found = codes(ws, "dcm")
+    assert set(found) == {"patient1"}, found
+    assert "dicom_slices_missing" in found["patient1"]
+    if damage != "removed":
+        assert "unreadable" in found["patient1"]
+        assert "16.dcm" in " ".join(Catalog(ws).read("issues")["message"])
+    assert statuses(ws, "dcm") == {"patient1": "quarantined", "patient2": "ok"}
+    message = Catalog(ws).read("issues").query("code == 'dicom_slices_missing'").iloc[0]["message"]
+    assert "gap of 2 mm" in message and "spacing is 1 mm" in message

@@ -141,6 +141,28 @@ def check_size(header: HeaderInfo, slices: int = 1, limit: int | None = None, na
                             f"({voxels:.3g}), more than the limit of {limit:.3g} (MAX_IMAGE_VOXELS); not read")
 
 
+def dicom_slice_positions(files: Sequence[str | Path]) -> np.ndarray:
+    """Each slice's position (mm) along the series' slice normal, from ImagePositionPatient (0020|0032) and
+    ImageOrientationPatient (0020|0037), read from the headers only. Raises ValueError naming the slice that
+    cannot be read or lacks the tags."""
+    reader = sitk.ImageFileReader()
+    reader.LoadPrivateTagsOff()
+    positions, normal = [], None
+    for f in files:
+        reader.SetFileName(str(f))
+        try:
+            reader.ReadImageInformation()
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(cosines[:3], cosines[3:6])
+        except (RuntimeError, ValueError, IndexError) as exc:
+            reason = " ".join(str(exc).split())[-200:] or type(exc).__name__
+            raise ValueError(f"slice {Path(f).name} cannot be read or has no position: {reason}") from None
+        positions.append(float(np.dot(position, normal)))
+    return np.asarray(positions, dtype=np.float64)
+
+
 def read_image(source: str | Path | Sequence[str], max_voxels: int | None = None) -> sitk.Image:
     """Read a file, or a DICOM series given as its list of slice files (or a folder holding one series).
 
