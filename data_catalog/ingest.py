@@ -413,9 +413,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out.update(_geometry_fields(image_geometry))
             out["pixel_type"] = image.GetPixelIDTypeAsString()
             if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-                out["issues"].append(_issue("not_3d", path, f"image has {image.GetDimension()} dimensions and "
-                                                            f"{image.GetNumberOfComponentsPerPixel()} components per voxel "
-                                                            f"(size {image.GetSize()}); expected one 3-D channel"))
+                out["issues"].append(_issue("not_3d", path, f"image {_not_3d_description(image)}"))
             else:
                 out["issues"] += _check_spacing(image_geometry.spacing, path)
                 voxels = to_numpy(image)
@@ -451,8 +449,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                 out.update(_geometry_fields(lg))  # an orphan label still gets its geometry reported
                 out["pixel_type"] = None
             if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
-                out["issues"].append(_issue("not_3d", path, f"label has {label.GetDimension()} dimensions and "
-                                                            f"{label.GetNumberOfComponentsPerPixel()} components"))
+                out["issues"].append(_issue("not_3d", path, f"label {_not_3d_description(label)}"))
             else:
                 if image_geometry is not None and image_geometry.ndim == 3:
                     out["issues"] += _compare_geometry(image_geometry, lg, path)
@@ -488,6 +485,19 @@ def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
                    f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
                    f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
                    f"slice(s) missing); read as one volume its spacing would be wrong")]
+
+
+def _not_3d_description(image) -> str:
+    """"is 4-D (35x50x36x2: ...)": what a user calls the image's dimensionality. ITK reads the 4th axis of many
+    4-D files (NIfTI with a vector intent, arrays saved from numpy) as components per voxel; to the user those
+    are still a 4th dimension (time points or channels)."""
+    size = [int(s) for s in image.GetSize()]
+    components = int(image.GetNumberOfComponentsPerPixel())
+    shape = size + ([components] if components > 1 else [])
+    what = f"is {len(shape)}-D ({'x'.join(str(s) for s in shape)}"
+    if len(shape) > 3:
+        what += f": {shape[3]} time points or channels of {'x'.join(str(s) for s in shape[:3])}"
+    return what + "); expected a single 3-D volume (one channel)"
 
 
 def _first_line(exc: Exception) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -211,15 +214,43 @@ def from_numpy(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return image
 
 
+_HOST = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+# A leftover temporary file of another machine (a shared workspace) is removed when it is this old.
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def current_umask() -> int:
+    """The process' umask, read without changing it (Linux: /proc/self/status; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds, removed when
     it fails. Readers never see half a file. The name starts with "." so that dataset discovery (pyarrow,
-    pandas.read_parquet on a folder) skips it while it exists."""
+    pandas.read_parquet on a folder) skips it while it exists.
+
+    The file gets the mode a plain `open(path, "w")` would give (0666 less the umask), not mkstemp's 0600,
+    so a team's shared workspace stays readable. Its name carries this host and process id, so temporary
+    files of `path` left by a killed writer are removed by the next write (same host, process gone; another
+    host's after STALE_TMP_SECONDS)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    remove_stale_temporaries(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -227,6 +258,45 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """Remove the temporary files of `path` that atomic_path left behind when its writer was killed."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(?P<host>\w+)-(?P<pid>\d+)-)?[\w]{{8}}{re.escape(suffix)}$")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        host, pid = match.group("host"), match.group("pid")
+        if host == _HOST and pid is not None:
+            stale = int(pid) != os.getpid() and not _process_alive(int(pid))
+        else:
+            try:
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+            except OSError:
+                continue
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
