@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import traceback
@@ -261,9 +262,10 @@ def case_complete(case_dir: Path) -> bool:
 
 def _remove_stale_versions(plan_dir: Path, case_id: str, keep: str) -> None:
     """Older versions of a case whose content changed are garbage now."""
-    prefix = f"{case_id}__"
+    # exactly CASE__<content key>: a prefix match would take case "X_"'s folders for stale versions of "X"
+    own = re.compile(rf"^{re.escape(case_id)}__[0-9a-f]{{16}}$")
     for d in plan_dir.iterdir():
-        if d.name.startswith(prefix) and d.name != keep and "__" not in d.name[len(prefix):]:
+        if d.name != keep and own.match(d.name):
             shutil.rmtree(d, ignore_errors=True)
 
 

@@ -191,3 +191,28 @@ def _die(item: dict) -> dict:
     if item["case_id"] == "case_7":
         os._exit(9)
     return {"case_id": item["case_id"], "status": "done"}
+
+
+def test_preprocessing_case_x_keeps_the_folder_of_case_x_underscore(tmp_path):
+    """Issue 10 item 6: removing stale versions of case `X` matched every folder starting with `X__`, which
+    includes case `X_`'s folder `X___<key>`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    import SimpleITK as sitk
+    for i, name in enumerate(("X", "X_")):
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(i).random((8, 9, 10)).astype(np.float32)),
+                        str(src / f"{name}.nii.gz"))
+    ws = tmp_path / "ws"
+    ingest(src, "c", ws)
+    cases = {c["case_id"]: c for c in store_module.case_records(Catalog(ws).cases(cohort="c"))}
+    plan = {"plan_id": "p", "target_spacing": [1.0, 1.0, 1.0], "image_order": 1, "label_mode": "nearest",
+            "normalisation": {"scheme": "zscore"}}
+    plan_dir = tmp_path / "plan"
+    assert preprocess_case(cases["X_"], plan, str(plan_dir))["status"] == "done"
+    assert preprocess_case(cases["X"], plan, str(plan_dir))["status"] == "done"
+    stale = plan_dir / f"X__{'0' * 16}"  # an older version of X: garbage
+    stale.mkdir()
+    assert preprocess_case(dict(cases["X"], image_sha256="changed"), plan, str(plan_dir))["status"] == "done"
+    names = sorted(d.name for d in plan_dir.iterdir())
+    assert any(n.startswith("X___") for n in names), names  # X_'s folder survives
+    assert stale.name not in names and len(names) == 2, names
