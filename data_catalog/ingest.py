@@ -103,6 +103,7 @@ class Source:
     cases: list[SourceCase]
     declared_labels: dict[int, str] | None
     modality: str | None
+    notes: list[str] = field(default_factory=list)  # what discovery found and ignored, for the user
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,15 +124,15 @@ def discover(source: str | Path, labels: str | Path | None = None) -> Source:
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
         raise IngestError(f"source folder {source} does not exist")
-    if (root / "dataset.json").exists():
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
         return _discover_msd(root)
-    images = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
-    if images:
+    if any(is_image_file(p) and p.is_file() for p in root.iterdir()):
         return _discover_folder(root, Path(labels).expanduser().resolve() if labels else None)
     dicom = _discover_dicom(root, Path(labels).expanduser().resolve() if labels else None)
     if dicom.cases:
         return dicom
-    raise IngestError(f"{root}: no dataset.json, no image files (.nii.gz .nii .nrrd .mha ...) and no DICOM series found")
+    raise IngestError(f"{root}: no dataset.json or imagesTr/ folder, no image files (.nii.gz .nii .nrrd .mha ...) "
+                      f"and no DICOM series found")
 
 
 def _case_id_from_file(path: Path) -> str:
@@ -155,11 +156,54 @@ def _outside_issue(root: Path, link: Path) -> tuple[str, str, str]:
                                               f"outside the cohort folder {root}: not read (copy the file into the folder)")
 
 
+def _check_dataset_json(meta, path: Path) -> None:
+    """A dataset.json that is not what MSD / nnU-Net write is refused with one line naming the file and key."""
+    def fail(what: str):
+        raise IngestError(f"{path}: {what}")
+
+    def kind(value) -> str:
+        return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+            type(value), f"a number ({value})" if isinstance(value, (int, float)) else type(value).__name__)
+
+    if not isinstance(meta, dict):
+        fail(f"expected a JSON object with 'training' (and 'labels', 'modality' ...), got {kind(meta)}")
+    if "labels" in meta and not isinstance(meta["labels"], dict):
+        fail(f"'labels' must be an object mapping label values to names, got {kind(meta['labels'])}")
+    for key in ("modality", "channel_names"):
+        if key in meta and not isinstance(meta[key], dict):
+            fail(f"'{key}' must be an object such as {{\"0\": \"CT\"}}, got {kind(meta[key])}")
+    if "file_ending" in meta and not isinstance(meta["file_ending"], str):
+        fail(f"'file_ending' must be a string such as \".nii.gz\", got {kind(meta['file_ending'])}")
+    for key in ("training", "test"):
+        entries = meta.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            fail(f"'{key}' must be a list of entries, got {kind(entries)}")
+        for i, entry in enumerate(entries):
+            if isinstance(entry, str):
+                continue
+            if not isinstance(entry, dict):
+                fail(f"{key}[{i}] must be an object {{\"image\": ..., \"label\": ...}} or a path, got {kind(entry)}")
+            for field_name in ("image", "label"):
+                if entry.get(field_name) is not None and not isinstance(entry[field_name], str):
+                    fail(f"{key}[{i}].{field_name} must be a path (a string), got {kind(entry[field_name])}")
+            if entry.get("patient_id") is not None and not isinstance(entry["patient_id"], (str, int)):
+                fail(f"{key}[{i}].patient_id must be a string, got {kind(entry['patient_id'])}")
+
+
 def _discover_msd(root: Path) -> Source:
-    try:
-        meta = json.loads((root / "dataset.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IngestError(f"{root / 'dataset.json'}: cannot be parsed: {exc}") from exc
+    notes = []
+    if (root / "dataset.json").exists():
+        try:
+            meta = json.loads((root / "dataset.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise IngestError(f"{root / 'dataset.json'}: cannot be parsed: {exc}") from exc
+    else:
+        meta = {}
+        notes.append(f"{root.name}: no dataset.json; cases from imagesTr/ and labelsTr/ (label values not declared, "
+                     f"modality from the config or 'other')")
+    _check_dataset_json(meta, root / "dataset.json")
     declared = None
     if isinstance(meta.get("labels"), dict):
         labels = meta["labels"]
@@ -170,7 +214,8 @@ def _discover_msd(root: Path) -> Source:
             else:
                 declared = {int(v): str(k) for k, v in labels.items() if not isinstance(v, list)}
         except (TypeError, ValueError):
-            declared = None
+            raise IngestError(f"{root / 'dataset.json'}: 'labels' must map label values to names ({{\"1\": \"liver\"}}, "
+                              f"MSD) or names to values ({{\"liver\": 1}}, nnU-Net v2); got {json.dumps(labels)[:120]}") from None
     modality = None
     mod = meta.get("modality") or meta.get("channel_names")
     if isinstance(mod, dict) and mod:
@@ -198,7 +243,8 @@ def _discover_msd(root: Path) -> Source:
                 continue
             image = (root / image_rel)
             case = SourceCase(case_id=_case_id_from_file(Path(image_rel)), image_files=None, label_path=None,
-                              patient_id=entry.get("patient_id"), source_kind="msd", modality=modality)
+                              patient_id=None if entry.get("patient_id") is None else str(entry["patient_id"]),
+                              source_kind="msd", modality=modality)
             for rel, is_label in ((image_rel, False), (label_rel, True)):
                 if rel is None:
                     continue
@@ -235,6 +281,11 @@ def _discover_msd(root: Path) -> Source:
     # labels without an image are reported.
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     # Case ids come from the names in the folder (a symlink keeps its own name), files from their targets.
+    labels_by_id: dict[str, Path] = {}
+    if labels_dir.is_dir():
+        for p in sorted(labels_dir.glob("*")):
+            if is_image_file(p):
+                labels_by_id.setdefault(_case_id_from_file(p), p)
     unlisted_images = sorted(p for p in images_dir.glob("*") if is_image_file(p) and p.resolve() not in seen_images) \
         if images_dir.is_dir() else []
     for link in unlisted_images:
@@ -249,6 +300,8 @@ def _discover_msd(root: Path) -> Source:
         image = link.resolve()
         case.image_files = [str(image)]
         label = labels_dir / (cid + file_ending)
+        if not label.exists():
+            label = labels_by_id.get(cid, label)
         if label.exists():
             seen_labels.add(label.resolve())
             if _inside(root, label):
@@ -275,51 +328,118 @@ def _discover_msd(root: Path) -> Source:
                                     source_kind="msd", modality=modality,
                                     issues=[outside or ("image_missing", str(label), f"label {link.name} has no image in "
                                                                                      f"imagesTr/ and no dataset.json entry")])
-    return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality)
+    return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality, notes)
+
+
+def _image_files(folder: Path) -> list[tuple[Path, Path | None]]:
+    """(path in `folder`, resolved target or None when a symlink leads outside `folder`) of its image files,
+    sorted by name. `folder` is resolved; only symlinks are resolved again (one scandir, no per-file realpath)."""
+    out = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not is_image_file(entry.name):
+                continue
+            path = folder / entry.name
+            if entry.is_symlink():
+                if not entry.is_file():  # broken, or a folder
+                    continue
+                out.append((path, path.resolve() if _inside(folder, path) else None))
+            elif entry.is_file(follow_symlinks=False):
+                out.append((path, path))
+    return sorted(out, key=lambda item: item[0].name)
+
+
+# A file named like X_label.nrrd beside X.nrrd (or X_image.nrrd) is X's mask (pyradiomics' samples, many lesion
+# datasets); with a labels folder, its files may carry the same suffixes.
+LABEL_NAME_SUFFIXES = ("_label", "_labels", "_seg", "_segmentation", "_mask", "_gt")
+IMAGE_NAME_SUFFIXES = ("_image", "_img")
+
+
+def _strip_role(case_id: str, suffixes: tuple[str, ...]) -> str | None:
+    """`case_id` without a role suffix (case-insensitive), or None when it has none."""
+    lower = case_id.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix) and len(case_id) > len(suffix):
+            return case_id[: -len(suffix)]
+    return None
 
 
 def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
     if labels_dir is not None and not labels_dir.is_dir():
         raise IngestError(f"labels folder {labels_dir} does not exist")
-    cases: dict[str, SourceCase] = {}
+    notes: list[str] = []
+    if labels_dir == root:
+        notes.append(f"--labels is the source folder itself: its masks are recognised by name "
+                     f"({', '.join(LABEL_NAME_SUFFIXES)}), never an image as its own label")
+        labels_dir = None
     # Case ids come from the names in the folder (a symlink keeps its own name), files from their targets;
     # a symlink whose target is outside the folder is reported, not read.
-    for link in sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p)):
-        cid = _case_id_from_file(link)
-        inside = _inside(root, link)
-        case = SourceCase(case_id=cid, image_files=[str(link.resolve())] if inside else None, label_path=None,
-                          source_kind="folder", issues=[] if inside else [_outside_issue(root, link)])
-        if cid in cases:
-            other = cases[cid]
+    entries = [(link, target, _case_id_from_file(link)) for link, target in _image_files(root)]
+    labels: dict[str, tuple[Path, Path | None]] = {}  # case id -> (name in the folder, target or None if outside)
+    if labels_dir is None:  # masks beside their images
+        images = []
+        for link, target, cid in entries:
+            base = _strip_role(cid, LABEL_NAME_SUFFIXES)
+            if base is None:
+                images.append((link, target, cid))
+            elif base in labels:
+                notes.append(f"{link.name} ignored: {labels[base][0].name} is already the mask of {base}")
+            else:
+                labels[base] = (link, target)
+        side_by_side = bool(labels)
+    else:
+        images, side_by_side = entries, False
+        for link, target in _image_files(labels_dir):
+            cid = _case_id_from_file(link)
+            for key in (cid, _strip_role(cid, LABEL_NAME_SUFFIXES)):
+                if key is not None and key not in labels:
+                    labels[key] = (link, target)
+    cases: dict[str, SourceCase] = {}
+    used: set[Path] = set()  # label files given to a case
+    paired = 0
+    for link, target, cid in images:
+        key = next((k for k in (_strip_role(cid, IMAGE_NAME_SUFFIXES), cid)
+                    if k is not None and k in labels and labels[k][0] not in used), None)
+        case_id = key if side_by_side and key is not None else cid
+        case = SourceCase(case_id=case_id, image_files=[str(target)] if target else None, label_path=None,
+                          source_kind="folder", issues=[] if target else [_outside_issue(root, link)])
+        if key is not None:
+            label_link, label_target = labels[key]
+            used.add(label_link)
+            if label_target is None:
+                case.issues.append(_outside_issue(label_link.parent, label_link))
+            elif target is not None and label_target == target:
+                case.issues.append(("label_missing", str(link), f"{label_link.name} is the image {link.name} itself: "
+                                                                 f"an image is never its own label"))
+            else:
+                case.label_path = str(label_target)
+                paired += 1
+        elif labels_dir is not None or side_by_side:
+            where = labels_dir if labels_dir is not None else f"beside it in {root}"
+            case.issues.append(("label_missing", str(link), f"no label for {link.name} "
+                                                            f"(looked for {cid}.* or {cid}_label/_seg/_mask.* {where})"))
+        if case_id in cases:
+            other = cases[case_id]
             case.issues.append(("duplicate_case_id", str(link), f"{link.name} and "
                                 f"{Path(other.image_files[0] if other.image_files else other.issues[0][1]).name} "
-                                f"both give case id {cid}"))
-            case.case_id = f"{cid}__{link.name}"
+                                f"both give case id {case_id}"))
+            case.case_id = f"{case_id}__{link.name}"
         cases[case.case_id] = case
-    if labels_dir is not None:
-        labels: dict[str, Path] = {}
-        outside: dict[str, tuple[str, str, str]] = {}
-        for link in sorted(p for p in labels_dir.iterdir() if p.is_file() and is_image_file(p)):
-            cid = _case_id_from_file(link)
-            if cid in labels or cid in outside:
-                continue
-            if _inside(labels_dir, link):
-                labels[cid] = link.resolve()
-            else:
-                outside[cid] = _outside_issue(labels_dir, link)
-        for cid, case in cases.items():
-            if cid in labels:
-                case.label_path = str(labels.pop(cid))
-            elif cid in outside:
-                case.issues.append(outside.pop(cid))
-            else:
-                case.issues.append(("label_missing", case.image_path, f"no label named {cid}.* in {labels_dir}"))
-        for cid, label in labels.items():
-            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=str(label), source_kind="folder",
-                                    issues=[("image_missing", str(label), f"label {label.name} has no image in {root}")])
-        for cid, issue in outside.items():
-            cases[cid] = SourceCase(case_id=cid, image_files=None, label_path=None, source_kind="folder", issues=[issue])
-    return Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None)
+    for key, (label_link, label_target) in labels.items():
+        if label_link in used or key in cases:
+            continue
+        used.add(label_link)
+        issue = _outside_issue(label_link.parent, label_link) if label_target is None else \
+            ("image_missing", str(label_target), f"label {label_link.name} has no image in {root}")
+        cases[key] = SourceCase(case_id=key, image_files=None, label_path=str(label_target) if label_target else None,
+                                source_kind="folder", issues=[issue])
+    if side_by_side:
+        notes.append(f"{paired} of {len(images)} images paired with the mask beside them (by name: "
+                     f"{', '.join(LABEL_NAME_SUFFIXES)})")
+    elif labels_dir is None:
+        notes.append(f"no labels: {len(images)} image-only cases (for labels, pass --labels DIR with files named like "
+                     f"the images, or put X_label / X_seg / X_mask beside X)")
+    return Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None, notes)
 
 
 def _dicom_magic(path: Path) -> bool:
@@ -528,6 +648,11 @@ def _compare_geometry(image, label, path) -> list[dict]:
     return issues
 
 
+def _few(values: list, n: int = 8) -> str:
+    """A short list for a one-line message: the first n values and how many more."""
+    return str(values) if len(values) <= n else f"[{', '.join(str(v) for v in values[:n])}, ... ({len(values)} values)]"
+
+
 def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, path: str) -> list[dict]:
     issues = []
     if np.issubdtype(values.dtype, np.floating):
@@ -544,10 +669,11 @@ def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, pat
         allowed.add(0)
         undeclared = [int(v) for v in present if int(v) not in allowed]
         if undeclared:
-            issues.append(_issue("label_undeclared", path, f"label values {undeclared} are not declared "
+            issues.append(_issue("label_undeclared", path, f"label values {_few(undeclared)} are not declared "
                                                            f"(declared: {sorted(allowed)})"))
     elif (present < 0).any():
-        issues.append(_issue("label_undeclared", path, f"negative label values {[int(v) for v in present if v < 0]}"))
+        issues.append(_issue("label_undeclared", path, f"negative label values {_few([int(v) for v in present if v < 0])}"
+                                                       f" (an image, not a mask?)"))
     if not (present != 0).any():
         issues.append(_issue("label_empty", path, "label holds only background (0)"))
     return issues
@@ -599,11 +725,13 @@ class IngestResult:
     n_issues: int
     cases_path: str
     issues_path: str
+    notes: list[str] = field(default_factory=list)  # what discovery found and ignored
 
     def summary(self) -> str:
-        return (f"cohort {self.cohort}: {self.n_cases} cases ({self.n_ok} ok, {self.n_quarantined} quarantined); "
+        line = (f"cohort {self.cohort}: {self.n_cases} cases ({self.n_ok} ok, {self.n_quarantined} quarantined); "
                 f"{self.new} new, {self.changed} changed, {self.unchanged} unchanged, {self.removed} removed; "
                 f"{self.n_issues} issues")
+        return "\n".join([line] + [f"  {note}" for note in self.notes])
 
 
 def _clean(value):
@@ -653,6 +781,11 @@ def ingest(
         all_issues = catalog.read("issues")
         previous = _previous_rows(all_cases[all_cases["cohort"] == cohort])
         prev_issues = all_issues[(all_issues["cohort"] == cohort)]
+        # One pass over the previous issues, grouped by case: no per-case DataFrame filtering (O(cases x issues))
+        prev_issue_records = prev_issues.to_dict("records")
+        issues_of: dict[str, list[dict]] = {}
+        for r in prev_issue_records:
+            issues_of.setdefault(r["case_id"], []).append(r)
         now = utc_now()
 
         # a case whose reading killed its process last time is read again (the machine may have had less memory)
@@ -663,6 +796,8 @@ def ingest(
             (reused if unchanged else todo).append(case)
         log.info("cohort %s: %d cases found in %s, %d to read, %d unchanged", cohort, len(src.cases), src.root,
                  len(todo), len(reused))
+        for note in src.notes:
+            log.info("cohort %s: %s", cohort, note)
 
         inspected = _inspect_all(todo, declared, workers, progress)
 
@@ -671,9 +806,8 @@ def ingest(
         for case in reused:
             prev = dict(previous[case.case_id])
             rows.append(prev)
-            kept = prev_issues[(prev_issues["case_id"] == case.case_id) & (prev_issues["stage"] == "ingest")
-                               & (prev_issues["code"] != "geometry_outlier")]
-            issue_rows += kept.to_dict("records")
+            issue_rows += [r for r in issues_of.get(case.case_id, ())
+                           if r["stage"] == "ingest" and r["code"] != "geometry_outlier"]
         for case, result in zip(todo, inspected):
             prev = previous.get(case.case_id)
             same_content = prev is not None and prev.get("image_sha256") == result.get("image_sha256") \
@@ -705,21 +839,20 @@ def ingest(
             })
             old_found = {}
             if same_content:
-                old = prev_issues[prev_issues["case_id"] == case.case_id]
-                old_found = {(r["code"], r["message"]): r["found_at"] for r in old.to_dict("records")}
+                old_found = {(r["code"], r["message"]): r["found_at"] for r in issues_of.get(case.case_id, ())}
             for issue in result["issues"]:
                 issue_rows.append({"cohort": cohort, "case_id": case.case_id, "stage": "ingest",
                                    "found_at": old_found.get((issue["code"], issue["message"]), now), **issue})
 
         prev_outliers = {(r["case_id"], r["message"]): r["found_at"]
-                         for r in prev_issues[prev_issues["code"] == "geometry_outlier"].to_dict("records")}
+                         for r in prev_issue_records if r["code"] == "geometry_outlier"}
         for cid, message in geometry_outliers(rows).items():
             issue_rows.append({"cohort": cohort, "case_id": cid, "stage": "ingest", "code": "geometry_outlier",
                                "severity": WARNING, "path": None, "message": message,
                                "found_at": prev_outliers.get((cid, message), now)})
         # Problems found later (preprocessing) stay recorded while the case's content is unchanged.
         current = {(r["case_id"], r.get("image_sha256"), r.get("label_sha256")) for r in rows}
-        for r in prev_issues[prev_issues["stage"] != "ingest"].to_dict("records"):
+        for r in (r for r in prev_issue_records if r["stage"] != "ingest"):
             prev = previous.get(r["case_id"])
             if prev is not None and (r["case_id"], prev.get("image_sha256"), prev.get("label_sha256")) in current:
                 issue_rows.append(r)
@@ -739,7 +872,7 @@ def ingest(
     n_ok = int((cases_df["status"] == "ok").sum()) if len(cases_df) else 0
     return IngestResult(cohort, len(cases_df), n_ok, len(cases_df) - n_ok, new, changed,
                         len(reused) + (len(todo) - new - changed), removed, len(issues_df),
-                        str(catalog.cases_path), str(catalog.issues_path))
+                        str(catalog.cases_path), str(catalog.issues_path), list(src.notes))
 
 
 def _concat(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:

@@ -216,3 +216,161 @@ def test_a_dicom_series_with_a_missing_or_corrupt_slice_is_not_ok(dicom_dir, tmp
     assert statuses(ws, "dcm") == {"patient1": "quarantined", "patient2": "ok"}
     message = Catalog(ws).read("issues").query("code == 'dicom_slices_missing'").iloc[0]["message"]
     assert "gap of 2 mm" in message and "spacing is 1 mm" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 10: re-ingesting an unchanged cohort costs no per-case pandas work
+# ---------------------------------------------------------------------------------------------------------
+def test_reingesting_an_unchanged_cohort_does_no_per_case_dataframe_work(tmp_path, monkeypatch):
+    """Re-ingesting 500 unchanged cases took 5 s in-process, mostly one DataFrame filter + to_dict per case
+    (quadratic in the cohort). The number of DataFrame operations must not grow with the number of cases;
+    benchmarks/reingest.py times 10,000 cases."""
+    import pandas as pd
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for i in range(60):
+        write(images / f"c{i:03d}.nii", blob(shape=(4, 4, 4), seed=i))
+        label = np.zeros((4, 4, 4), np.uint8)
+        label[1:3, 1:3, 1:3] = i % 3 != 0  # every 3rd empty: a warning to carry over
+        write(labels / f"c{i:03d}.nii", label)
+    ws = tmp_path / "ws"
+    first = ingest(images, "c", ws, labels=labels)
+    assert first.n_ok == 60 and first.n_issues == 20
+    calls = {"to_dict": 0, "getitem": 0}
+    to_dict, getitem = pd.DataFrame.to_dict, pd.DataFrame.__getitem__
+
+    def counting_to_dict(self, *args, **kwargs):
+        calls["to_dict"] += 1
+        return to_dict(self, *args, **kwargs)
+
+    def counting_getitem(self, key):
+        calls["getitem"] += 1
+        return getitem(self, key)
+
+    monkeypatch.setattr(pd.DataFrame, "to_dict", counting_to_dict)
+    monkeypatch.setattr(pd.DataFrame, "__getitem__", counting_getitem)
+    again = ingest(images, "c", ws, labels=labels)
+    assert again.unchanged == 60 and again.n_issues == 20
+    assert calls["to_dict"] <= 5 and calls["getitem"] <= 100, calls  # a constant, not per case (was 63 and 284)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 11 items 2, 5, 6: folders as users keep them
+# ---------------------------------------------------------------------------------------------------------
+def _sha(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pairs_folder(folder: Path) -> dict[str, Path]:
+    """Images with their masks beside them, three naming conventions. Returns case id -> mask file."""
+    masks = {}
+    for i, (image_name, mask_name) in enumerate((("brain1_image", "brain1_label"), ("brain2_image", "brain2_seg"),
+                                                 ("lung3", "lung3_mask"))):
+        write(folder / f"{image_name}.nrrd", blob(seed=i))
+        m = mask()
+        m[0, 0, 0] = i + 1  # each mask differs
+        masks[image_name.replace("_image", "")] = write(folder / f"{mask_name}.nrrd", m)
+    return masks
+
+
+@pytest.mark.parametrize("labels_option", [None, "same_folder"])
+def test_images_and_masks_side_by_side_make_one_case_per_pair(tmp_path, labels_option):
+    folder = tmp_path / "lesions"
+    masks = _pairs_folder(folder)
+    ws = tmp_path / "ws"
+    result = ingest(folder, "pairs", ws, labels=folder if labels_option else None)
+    cases = Catalog(ws).cases(cohort="pairs").set_index("case_id")
+    assert sorted(cases.index) == ["brain1", "brain2", "lung3"]
+    for cid, mask_file in masks.items():
+        assert cases.loc[cid, "label_path"] == str(mask_file.resolve())
+        assert cases.loc[cid, "label_sha256"] == _sha(mask_file) != cases.loc[cid, "image_sha256"]
+    assert (cases["status"] == "ok").all() and codes(ws, "pairs") == {}
+    assert "3 of 3 images paired" in result.summary()
+
+
+def test_a_folder_of_unpaired_images_gives_image_only_cases_and_says_so(tmp_path):
+    folder = tmp_path / "scans"
+    for i in range(3):
+        write(folder / f"scan{i}.nrrd", blob(seed=i))
+    result = ingest(folder, "plain", tmp_path / "ws")
+    cases = Catalog(tmp_path / "ws").cases(cohort="plain")
+    assert len(cases) == 3 and cases["label_path"].isna().all() and (cases["status"] == "ok").all()
+    assert "no labels: 3 image-only cases" in result.summary()
+
+
+def test_a_file_is_never_its_own_label(tmp_path):
+    """--labels pointing at the images' own folder paired every image with itself (two passed as ok)."""
+    folder = tmp_path / "scans"
+    for i in range(3):
+        write(folder / f"scan{i}.nii.gz", blob(seed=i))
+    ingest(folder, "self", tmp_path / "ws", labels=folder)
+    cases = Catalog(tmp_path / "ws").cases(cohort="self")
+    assert len(cases) == 3 and cases["label_path"].isna().all()
+
+
+def test_symlinked_files_keep_their_own_names(tmp_path):
+    """Issue 11 item 5: links images/brain1.nrrd -> data/brain1_image.nrrd were resolved before the case id was
+    taken, so images and labels no longer paired (label_missing for all)."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    for i in range(2):
+        target = write(images / "data" / f"brain{i}_image.nrrd", blob(seed=i))
+        (images / f"brain{i}.nrrd").symlink_to(Path("data") / target.name)
+        label = write(labels / "data" / f"brain{i}_label.nrrd", mask())
+        (labels / f"brain{i}.nrrd").symlink_to(Path("data") / label.name)
+    ws = tmp_path / "ws"
+    ingest(images, "links", ws, labels=labels)
+    cases = Catalog(ws).cases(cohort="links").set_index("case_id")
+    assert sorted(cases.index) == ["brain0", "brain1"] and codes(ws, "links") == {}
+    assert cases.loc["brain1", "label_path"] == str((labels / "data" / "brain1_label.nrrd").resolve())
+
+
+def test_an_msd_folder_without_dataset_json_is_recognised(tmp_path):
+    """Issue 11 item 6: imagesTr + labelsTr without dataset.json was rejected ("No Series were found")."""
+    root = tmp_path / "Task99"
+    for i in range(2):
+        write(root / "imagesTr" / f"case_{i}.nii.gz", blob(seed=i))
+        write(root / "labelsTr" / f"case_{i}.nii.gz", mask())
+    write(root / "imagesTr" / "nolabel.nii.gz", blob())
+    result = ingest(root, "msd", tmp_path / "ws")
+    cases = Catalog(tmp_path / "ws").cases(cohort="msd").set_index("case_id")
+    assert sorted(cases.index) == ["case_0", "case_1", "nolabel"]
+    assert cases.loc["case_1", "label_path"].endswith("labelsTr/case_1.nii.gz")
+    assert codes(tmp_path / "ws", "msd") == {"nolabel": {"label_missing"}}
+    assert "no dataset.json" in result.summary()
+
+
+def test_a_ct_used_as_a_label_gives_a_short_message(tmp_path):
+    """Issue 11 item 2: a CT's negative values as a label produced a 5 KB error line listing every value."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    write(images / "ct.nii.gz", blob())
+    write(labels / "ct.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (12, 14, 10)).astype(np.int16))
+    ingest(images, "ct", tmp_path / "ws", labels=labels)
+    message = Catalog(tmp_path / "ws").read("issues").query("code == 'label_undeclared'").iloc[0]["message"]
+    assert len(message) < 200 and "values)" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 8 (ingest part): a malformed dataset.json is refused with one line naming the file and the key
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, key", [
+    ("null", "JSON object"),
+    ("[1, 2]", "JSON object"),
+    ('{"training": 5}', "'training' must be a list"),
+    ('{"training": [5]}', "training[0] must be an object"),
+    ('{"training": [{"image": 5, "label": "./labelsTr/a.nii.gz"}]}', "training[0].image must be a path"),
+    ('{"labels": ["background", "a"], "training": []}', "'labels' must be an object"),
+    ('{"labels": {"0": "background", "x": [1]}, "training": []}', "'labels' must map"),
+])
+def test_a_malformed_dataset_json_is_refused_with_one_line_naming_the_key(tmp_path, content, key):
+    from data_catalog.ingest import IngestError
+
+    root = tmp_path / "Task"
+    write(root / "imagesTr" / "a.nii.gz", blob())
+    write(root / "labelsTr" / "a.nii.gz", mask())
+    (root / "dataset.json").write_text(content)
+    with pytest.raises(IngestError) as info:
+        ingest(root, "bad", tmp_path / "ws")
+    message = str(info.value)
+    assert key in message and "dataset.json" in message and "\n" not in message
+    assert not (tmp_path / "ws" / "catalog" / "cases.parquet").exists()  # refused before anything is written
