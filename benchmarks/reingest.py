@@ -2,9 +2,10 @@
 is new must cost seconds, not minutes.
 
 Generates a plain cohort of N tiny NIfTI images with N matching labels (4x4x4 voxels each, a few hundred
-bytes; every 10th label empty, so that N/10 `label_empty` warnings are carried over) in a temporary folder, ingests it once (not timed), then times `data_catalog.ingest.ingest` on the
-unchanged folder in this process (Prefect start excluded, as in the acceptance criterion) and reports the
-peak memory of the process (ru_maxrss, which includes the first ingest).
+bytes; every 10th label empty, so that N/10 `label_empty` warnings are carried over) in a temporary folder,
+ingests it once (not timed), then times `data_catalog.ingest.ingest` on the unchanged folder in this process
+(Prefect start excluded, as in the acceptance criterion) and reports the peak memory of the process
+(ru_maxrss, which includes the first ingest). The first ingest uses --workers processes.
 
     python benchmarks/reingest.py                 # 10,000 cases
     python benchmarks/reingest.py --cases 500

@@ -24,8 +24,8 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from unet3d.io import (ImageTooLarge, dicom_series, dicom_slice_positions, is_image_file, nifti_nonfinite_voxels, read_dicom_tags, read_image,
-                       strip_image_suffix, to_numpy)
+from unet3d.io import (ImageTooLarge, dicom_series, dicom_slice_positions, is_image_file, nifti_nonfinite_voxels,
+                       read_dicom_tags, read_image, strip_image_suffix, to_numpy)
 from unet3d.resample import canonical_axes
 
 from .hashing import sha256_file, sha256_files, stat_fingerprint
