@@ -61,6 +61,9 @@ ENVIRONMENT_ERRNOS = {
 }
 
 
+_ALLOCATION_FAILURES = ("Failed to allocate memory", "std::bad_alloc")
+
+
 def environment_problem(exc: BaseException, writing: bool = False) -> str | None:
     """What went wrong with the machine, or None when `exc` is the case's own problem (bad data).
 
@@ -71,6 +74,8 @@ def environment_problem(exc: BaseException, writing: bool = False) -> str | None
         return str(exc)
     if isinstance(exc, MemoryError):
         return "out of memory"
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATION_FAILURES):
+        return "out of memory"  # ITK's allocation failure comes as a RuntimeError
     if not isinstance(exc, OSError):
         return None
     if exc.errno in ENVIRONMENT_ERRNOS:

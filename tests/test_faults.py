@@ -163,6 +163,7 @@ def test_bad_data_is_still_a_case_failure_and_memory_errors_are_not(tmp_path, mo
     (OSError(errno.EIO, "Input/output error"), "I/O error"),
     (OSError("53760 requested and 6112 written"), "disk full (short write)"),
     (MemoryError(), "out of memory"),
+    (RuntimeError("itk::ERROR: ImportImageContainer: Failed to allocate memory for image."), "out of memory"),
     (RuntimeError("ITK cannot read"), None),
     (FileNotFoundError(errno.ENOENT, "No such file"), None),
     (ValueError("bad spacing"), None),
