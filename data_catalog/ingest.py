@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from unet3d.io import (ImageTooLarge, dicom_series, dicom_slice_positions, is_image_file, nifti_nonfinite_voxels,
+from unet3d.io import (ImageTooLarge, detached_data_files, dicom_series, dicom_slice_positions, is_image_file, nifti_nonfinite_voxels,
                        read_dicom_tags, read_image, strip_image_suffix, to_numpy)
 from unet3d.resample import canonical_axes
 
@@ -86,6 +86,7 @@ class SourceCase:
     source_kind: str = "folder"
     modality: str | None = None
     issues: list[tuple[str, str, str]] = field(default_factory=list)  # (code, path, message) found at discovery
+    roots: tuple[str, ...] = ()  # folders the case's files (and the data files their headers name) must stay in
 
     @property
     def image_path(self) -> str | None:
@@ -124,15 +125,20 @@ def discover(source: str | Path, labels: str | Path | None = None) -> Source:
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
         raise IngestError(f"source folder {source} does not exist")
+    labels_dir = Path(labels).expanduser().resolve() if labels else None
     if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
-        return _discover_msd(root)
-    if any(is_image_file(p) and p.is_file() for p in root.iterdir()):
-        return _discover_folder(root, Path(labels).expanduser().resolve() if labels else None)
-    dicom = _discover_dicom(root, Path(labels).expanduser().resolve() if labels else None)
-    if dicom.cases:
-        return dicom
-    raise IngestError(f"{root}: no dataset.json or imagesTr/ folder, no image files (.nii.gz .nii .nrrd .mha ...) "
-                      f"and no DICOM series found")
+        src = _discover_msd(root)
+    elif any(is_image_file(p) and p.is_file() for p in root.iterdir()):
+        src = _discover_folder(root, labels_dir)
+    else:
+        src = _discover_dicom(root, labels_dir)
+        if not src.cases:
+            raise IngestError(f"{root}: no dataset.json or imagesTr/ folder, no image files (.nii.gz .nii .nrrd .mha "
+                              f"...) and no DICOM series found")
+    roots = (str(root),) + ((str(labels_dir),) if labels_dir is not None and src.kind != "msd" else ())
+    for case in src.cases:
+        case.roots = roots
+    return src
 
 
 def _case_id_from_file(path: Path) -> str:
@@ -519,14 +525,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
         if case.source_kind == "dicom":
             out["issues"] += _check_dicom_slices(case.image_files, path)
-        try:
-            image = read_image(case.image_files if case.source_kind == "dicom" else case.image_files[0])
-        except ImageTooLarge as exc:  # refused from the header, before any voxel is read
-            out["issues"].append(_issue("too_large", path, f"image {_first_line(exc)}"))
-            image = None
-        except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
-            out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the image: {_first_line(exc)}"))
-            image = None
+        image = _read_checked(case.image_files if case.source_kind == "dicom" else case.image_files[0], "image",
+                              path, case.roots, out["issues"])
         if image is not None:
             from unet3d.io import Geometry
             image_geometry = Geometry.of(image)
@@ -554,14 +554,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["label_stat"] = stat_fingerprint([path])
         except OSError as exc:
             out["issues"].append(_issue("unreadable", path, f"cannot read file: {exc}"))
-        try:
-            label = read_image(path)
-        except ImageTooLarge as exc:
-            out["issues"].append(_issue("too_large", path, f"label {_first_line(exc)}"))
-            label = None
-        except Exception as exc:
-            out["issues"].append(_issue("unreadable", path, f"SimpleITK cannot read the label: {_first_line(exc)}"))
-            label = None
+        label = _read_checked(path, "label", path, case.roots, out["issues"])
         if label is not None:
             from unet3d.io import Geometry
             lg = Geometry.of(label)
@@ -605,6 +598,27 @@ def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
                    f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
                    f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
                    f"slice(s) missing); read as one volume its spacing would be wrong")]
+
+
+def _read_checked(source, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
+    """read_image, or None with an issue: a header naming a data file outside the cohort (path_outside_cohort,
+    not read), a header claiming too many voxels (too_large, refused before reading), or a read error."""
+    if roots and not isinstance(source, (list, tuple)):
+        try:
+            escaping = [f for f in detached_data_files(source) if not any(_inside(Path(r), f) for r in roots)]
+        except OSError:
+            escaping = []  # the read below reports it
+        if escaping:
+            issues.append(_issue("path_outside_cohort", path, f"the {what}'s header reads its voxels from "
+                                                              f"{escaping[0]}, outside the cohort folder: not read"))
+            return None
+    try:
+        return read_image(source)
+    except ImageTooLarge as exc:  # refused from the header, before any voxel is read
+        issues.append(_issue("too_large", path, f"{what} {_first_line(exc)}"))
+    except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
+        issues.append(_issue("unreadable", path, f"SimpleITK cannot read the {what}: {_first_line(exc)}"))
+    return None
 
 
 def _not_3d_description(image) -> str:

@@ -374,3 +374,24 @@ def test_a_malformed_dataset_json_is_refused_with_one_line_naming_the_key(tmp_pa
     message = str(info.value)
     assert key in message and "dataset.json" in message and "\n" not in message
     assert not (tmp_path / "ws" / "catalog" / "cases.parquet").exists()  # refused before anything is written
+
+
+def test_a_header_naming_a_data_file_outside_the_cohort_is_not_read(tmp_path):
+    """Detached headers (.nhdr "data file:", .mhd "ElementDataFile =") made ITK read any file on the machine
+    into the catalog and the training data."""
+    folder, secret = tmp_path / "scans", tmp_path / "private" / "secret.raw"
+    folder.mkdir()
+    secret.parent.mkdir()
+    secret.write_bytes(bytes(range(64)))
+    (folder / "inside.raw").write_bytes(bytes(range(64)))
+    header = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nspacings: 1 1 1\nencoding: raw\ndata file: {}\n\n"
+    (folder / "fine.nhdr").write_text(header.format("inside.raw"))
+    (folder / "relative.nhdr").write_text(header.format("../private/secret.raw"))
+    (folder / "absolute.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 1 1\n"
+                                         f"ElementType = MET_UCHAR\nElementDataFile = {secret}\n")
+    ws = tmp_path / "ws"
+    ingest(folder, "detached", ws)
+    assert codes(ws, "detached") == {"relative": {"path_outside_cohort"}, "absolute": {"path_outside_cohort"}}
+    assert statuses(ws, "detached") == {"absolute": "quarantined", "fine": "ok", "relative": "quarantined"}
+    cases = Catalog(ws).cases(cohort="detached").set_index("case_id")
+    assert cases["size"].isna()["relative"] and cases["size"].isna()["absolute"]  # never read

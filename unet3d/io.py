@@ -144,6 +144,38 @@ def check_size(header: HeaderInfo, slices: int = 1, limit: int | None = None, na
                             f"({voxels:.3g}), more than the limit of {limit:.3g} (MAX_IMAGE_VOXELS); not read")
 
 
+def detached_data_files(path: str | Path) -> list[Path]:
+    """The files a NRRD (.nhdr/.nrrd "data file:") or MetaImage (.mhd/.mha "ElementDataFile =") header reads its
+    voxels from, resolved against the header's folder; [] when the voxels are in the file itself. For a
+    file-name pattern (slice%03d.raw) the pattern itself stands for its files (same folder)."""
+    name = str(path).lower()
+    nrrd = name.endswith((".nrrd", ".nhdr"))
+    if not nrrd and not name.endswith((".mha", ".mhd")):
+        return []
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    base = Path(path).parent
+    lines = head.split("\n")
+    names: list[str] = []
+    for i, line in enumerate(lines):
+        line = line.rstrip("\r")
+        if nrrd and not line.strip() and i > 0:
+            break  # the end of a NRRD header
+        key, sep, value = line.partition(":" if nrrd else "=")
+        key = key.strip().lower()
+        if not sep or key not in (("data file", "datafile") if nrrd else ("elementdatafile",)):
+            continue
+        tokens = value.split()
+        if not tokens or (not nrrd and tokens[0].upper() == "LOCAL"):
+            return []
+        if tokens[0].upper() == "LIST":  # one file name per following line (to the end of the header)
+            names += [ln.strip() for ln in lines[i + 1:] if ln.strip()][:100_000]
+        else:
+            names.append(value.strip() if len(tokens) == 1 or "%" not in tokens[0] else tokens[0])
+        break
+    return [Path(n) if Path(n).is_absolute() else base / n for n in names]
+
+
 def dicom_slice_positions(files: Sequence[str | Path]) -> np.ndarray:
     """Each slice's position (mm) along the series' slice normal, from ImagePositionPatient (0020|0032) and
     ImageOrientationPatient (0020|0037), read from the headers only. Raises ValueError naming the slice that
