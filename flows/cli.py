@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--no-tta", dest="tta", action="store_false",
+                   help="no mirroring test-time augmentation (on by default, as in the pipeline's infer stage)")
 
     p = sub.add_parser("report", help="print the summary table of a run (default: the latest)")
     _workspace_arg(p)

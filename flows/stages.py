@@ -23,6 +23,7 @@ from data_catalog.preprocess import case_dirname
 from data_catalog.splits import split_table, update_splits
 from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
 from data_catalog.tables import Catalog
+from unet3d.recipe import stage_time_budgets
 
 from .caching import cohort_fingerprint, config_part, source_fingerprint, split_fingerprint, stage_key, write_marker
 
@@ -149,6 +150,8 @@ def _stage_settings(cfg: dict, stage: dict) -> tuple[dict | None, dict]:
     train = dict(cfg["train"])
     if stage.get("max_epochs"):
         train["max_epochs"] = stage["max_epochs"]
+    train["time_limit_min"] = stage_time_budgets(cfg["train"].get("time_limit_min"),
+                                                 [s.get("time_limit_min") for s in stages])[stages.index(stage)]
     if stage.get("patch_size"):
         train["patch_size"] = stage["patch_size"]
     return roi, train

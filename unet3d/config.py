@@ -77,6 +77,7 @@ class StageConfig(_Section):
     margin_mm: float = Field(10.0, ge=0)
     patch_size: list[int] | None = None
     max_epochs: int | None = Field(None, ge=1)  # overrides train.max_epochs for this stage
+    time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: a share of the cascade's budget
 
     @model_validator(mode="after")
     def _merge_covers_classes(self):
@@ -98,35 +99,59 @@ class StageConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """Training settings. Recipe keys left unset (None) are planned per stage from the data, the device and the
+    time budget (`unet3d.recipe`, recorded with its reasons in model.json); a value given here is used as is."""
+
     architecture: Literal["unet3d", "residual_unet3d", "attention_unet3d", "unet3d_plusplus"] = "unet3d"
-    features: list[int] = [16, 32, 64, 128]
+    features: list[int] | None = None  # planned: widths timed on the device against the budget
+    stem_stride: list[int] | None = None  # planned: [2, 2, 2] runs stage 0 on a 2x coarser grid (cheap on a CPU)
     norm: Literal["instance", "batch", "group"] = "instance"
     dropout: float = Field(0.0, ge=0, lt=1)
     deep_supervision: bool = True
-    max_epochs: int = Field(50, ge=1)
-    iterations_per_epoch: int = Field(50, ge=1)
-    time_limit_min: float | None = Field(None, gt=0)
+    max_epochs: int | None = Field(None, ge=1)  # planned: 50 without a time budget, else until the budget ends
+    iterations_per_epoch: int | None = Field(None, ge=1)  # planned: 50, or about 1/40 of the time budget
+    time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(2, ge=1)
-    patch_size: list[int] | None = None  # default: planned from the data
+    batch_size: int | None = Field(None, ge=1)  # planned: 2
+    patch_size: list[int] | None = None  # planned from the data
     max_patch_voxels: int = Field(128 * 128 * 128, ge=4096)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float | None = Field(None, gt=0)  # default 1e-2 for sgd, 3e-3 for adamw
-    weight_decay: float = Field(3e-5, ge=0)
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False)  # default 1e-2 for sgd, 3e-3 for adamw
+    weight_decay: float = Field(3e-5, ge=0, allow_inf_nan=False)
     foreground_oversample: float = Field(0.33, ge=0, le=1)
-    augment: Literal["full", "light", "none"] | bool = "full"  # true = full, false = none
-    val_every: int = Field(1, ge=1)
+    augment: Literal["full", "light", "none"] | bool | None = None  # planned: light for short runs; true = full
+    val_every: int | None = Field(None, ge=1)  # planned: keeps validation under 10 % of a time budget
     val_max_cases: int | None = Field(None, ge=1)
+    postprocess: Literal["auto", "none", "largest_component"] = "auto"  # auto: kept where it helps validation
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     compile: bool = False
     deterministic: bool = False
     roi_jitter_mm: float = Field(6.0, ge=0)  # cascade stage 2: random shift of the reference ROI box
 
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v):
+        if v is not None and (len(v) < 2 or min(v) < 1):
+            raise ValueError("features must list at least two positive channel counts")
+        return v
+
+    @field_validator("stem_stride", "patch_size")
+    @classmethod
+    def _three_positive_ints(cls, v, info):
+        if v is not None and (len(v) != 3 or min(v) < 1):
+            raise ValueError(f"{info.field_name} must be three positive integers [x, y, z]")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _augment_bool(cls, v):
+        return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
 
 class InferConfig(_Section):
     overlap: float = Field(0.5, ge=0, lt=1)
-    tta: bool = False
+    tta: bool = True  # mirroring test-time augmentation (nnU-Net's default): +0.5-1 Dice point on hippocampus
     batch_size: int = Field(4, ge=1)
     splits: list[Literal["train", "val", "test"]] = ["val", "test"]
 

@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from .io import Geometry
+from .postprocess import apply_postprocessing
 from .resample import (
     CaseProperties,
     Normalisation,
@@ -49,6 +50,7 @@ class StageModel:
     spacing: list[float]
     margin_mm: float | None
     device: torch.device
+    postprocess: dict | None = None  # chosen on validation at training time (unet3d.postprocess)
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +69,7 @@ class StageModel:
         roi = meta.get("roi") or {}
         return cls(meta["stage"], network, list(meta["patch_size"]), {int(k): v for k, v in meta["classes"].items()},
                    {int(k): int(v) for k, v in meta["label_map"].items()}, list(meta["spacing"]),
-                   margin_mm if margin_mm is not None else roi.get("margin_mm"), dev)
+                   margin_mm if margin_mm is not None else roi.get("margin_mm"), dev, meta.get("postprocess"))
 
     def predict(self, image: np.ndarray, overlap: float = 0.5, tta: bool = False, batch_size: int = 4) -> np.ndarray:
         """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (1, X, Y, Z)."""
@@ -129,7 +131,7 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
     first = stages[0]
     pre1, props1 = inputs[0]
     probs1 = stage1_probs if stage1_probs is not None else first.predict(pre1, overlap, tta, batch_size)
-    labels = {first.name: invert_probabilities(probs1, props1)}
+    labels = {first.name: apply_postprocessing(invert_probabilities(probs1, props1), first.postprocess)}
     if len(stages) == 1:
         return CascadeOutput(labels, None, warnings), probs1
 
@@ -150,5 +152,5 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
     full = np.zeros((second.num_classes, *grid2), dtype=np.float32)
     full[0] = 1.0
     full[(slice(None), *sl)] = crop_probs
-    labels[second.name] = invert_probabilities(full, props2)
+    labels[second.name] = apply_postprocessing(invert_probabilities(full, props2), second.postprocess)
     return CascadeOutput(labels, box, warnings), probs1

@@ -64,6 +64,17 @@ def overlap_scores(tp: int, fp: int, fn: int, tn: int, ref_empty: bool, pred_emp
     return {"precision": precision, "recall": recall, "specificity": specificity, "dice": dice, "iou": iou}
 
 
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
+    """Dice per class; both empty counts as 1 (SPEC's empty-mask policy); ignored voxels don't count."""
+    valid = ref != IGNORE_LABEL
+    out = {}
+    for c in classes:
+        p, r = (pred == c) & valid, (ref == c) & valid
+        denom = int(p.sum()) + int(r.sum())
+        out[c] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return out
+
+
 def _as_label_map(labels: np.ndarray, name: str) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 3:

@@ -251,6 +251,38 @@ class DecoderNode(nn.Module):
         return self.block(torch.cat([skip, self.up(below, skip.shape[2:])], dim=1))
 
 
+class StridedStem(nn.Sequential):
+    """Strided conv-norm-ReLU from the input to stage 0's coarser grid (MONAI's UNet starts the same way).
+
+    (B, C_in, X, Y, Z) -> (B, C_out, ceil(X / s_x), ceil(Y / s_y), ceil(Z / s_z)); kernel 3 on strided axes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: Triple, norm: str):
+        kernel = tuple(3 if s > 1 else 1 for s in stride)
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=tuple(k // 2 for k in kernel), bias=False),
+            make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class FullResolutionRefine(nn.Module):
+    """Back to the input grid after a strided stem: transposed conv up, concatenate the input image, one conv.
+
+    coarse: (B, C_coarse, ~X / s, ...), image: (B, C_in, X, Y, Z) -> (B, out_channels, X, Y, Z). Seeing the image
+    again at full resolution lets the boundary follow its edges instead of the coarse grid's blocks.
+    """
+
+    def __init__(self, coarse_channels: int, image_channels: int, out_channels: int, stride: Triple, norm: str):
+        super().__init__()
+        self.out_channels = out_channels
+        self.up = Up(coarse_channels, out_channels, stride)
+        self.conv = ConvNormAct(out_channels + image_channels, out_channels, (3, 3, 3), norm)
+
+    def forward(self, coarse: Tensor, image: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(coarse, image.shape[2:]), image], dim=1))
+
+
 class UNet3D(nn.Module):
     """Configurable 3D U-Net: plain, residual, attention-gated and nested (UNet++) variants in one class.
 
@@ -260,8 +292,12 @@ class UNet3D(nn.Module):
     computes every node with dense skips X[i, 0..j-1]. Row i's last node X[i, L - i] is the decoder output at scale
     1 / prod(strides[1..i]).
 
+    stem_stride > 1: a :class:`StridedStem` puts stage 0 on a grid coarser by stem_stride, and a
+    :class:`FullResolutionRefine` brings row 0 back to the input grid (several times cheaper per iteration on a
+    CPU; the planner in :mod:`unet3d.recipe` picks it for short CPU budgets).
+
     forward: (B, in_channels, X, Y, Z) -> (B, num_classes, X, Y, Z) logits; in training mode with deep supervision a
-    list [full resolution, stage 1, ..., stage L-1] of logits.
+    list [full resolution, stage 1, ..., stage L-1] of logits (with a stem: [full resolution, stage 0, ...]).
     """
 
     def __init__(
@@ -278,6 +314,7 @@ class UNet3D(nn.Module):
         attention: bool = False,
         nested: bool = False,
         channels_last: bool = True,
+        stem_stride: int | Sequence[int] = 1,
     ):
         super().__init__()
         n_stages = len(features)
@@ -305,12 +342,24 @@ class UNet3D(nn.Module):
         self.nested = nested
         self.channels_last = channels_last
         self.depth = n_stages - 1
+        self.stem_stride = _triple(stem_stride, "stem_stride")
+        if any(s < 1 for s in self.stem_stride):
+            raise ValueError(f"stem_stride must be positive, got {self.stem_stride}")
         block: type[nn.Module] = ResidualBlock if residual else DoubleConv
 
+        # Strided stem: a strided conv takes the input to stage 0's grid, so no block runs at full resolution
+        # (the costliest part of a 3D U-Net on a CPU); a light refinement restores full-resolution detail.
+        self.stem: nn.Module | None = None
+        first_in = in_channels
+        if self.stem_stride != (1, 1, 1):
+            f0 = self.features[0]
+            self.stem = StridedStem(in_channels, f0, self.stem_stride, norm)
+            self.refine = FullResolutionRefine(f0, in_channels, max(f0 // 2, 4), self.stem_stride, norm)
+            first_in = f0
         self.downs = nn.ModuleList(Down(s) for s in self.strides)
         self.encoder = nn.ModuleList(
             block(c_in, c_out, k, norm, dropout)
-            for c_in, c_out, k in zip((in_channels, *self.features[:-1]), self.features, self.kernel_sizes)
+            for c_in, c_out, k in zip((first_in, *self.features[:-1]), self.features, self.kernel_sizes)
         )
         self.decoder = nn.ModuleDict()
         for i, j in self._decoder_nodes():
@@ -326,7 +375,10 @@ class UNet3D(nn.Module):
                 attention=attention,
             )
         n_heads = self.depth if deep_supervision else 1
-        self.heads = nn.ModuleList(nn.Conv3d(self.features[i], num_classes, 1) for i in range(n_heads))
+        # Head i reads output i of _outputs: with a stem, output 0 is the refined full-resolution map and output
+        # i >= 1 is decoder row i - 1; without one, output i is decoder row i.
+        head_channels = [self.refine.out_channels, *self.features] if self.stem is not None else list(self.features)
+        self.heads = nn.ModuleList(nn.Conv3d(head_channels[i], num_classes, 1) for i in range(n_heads))
         self.apply(_kaiming_init)
         if channels_last:
             # Weights in the same layout as the activations; a mixed pair makes oneDNN reorder on every step.
@@ -342,6 +394,9 @@ class UNet3D(nn.Module):
             # (B, X, Y, Z, C) memory order: oneDNN's 3D conv backward is several times faster in it for the narrow
             # full-resolution stages (and cuDNN prefers it under bf16). Only the layout changes, not the shape.
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        image = x
+        if self.stem is not None:
+            x = self.stem(x)
         nodes: dict[tuple[int, int], Tensor] = {}  # (i, j) -> X[i, j]
         for i, (down, block) in enumerate(zip(self.downs, self.encoder)):
             x = block(down(x))
@@ -349,10 +404,13 @@ class UNet3D(nn.Module):
         for i, j in self._decoder_nodes():
             skips = [nodes[(i, k)] for k in range(j)] if self.nested else [nodes[(i, 0)]]
             nodes[(i, j)] = self.decoder[f"{i}_{j}"](nodes[(i + 1, j - 1)], skips)
+        rows = [nodes[(i, self.depth - i)] for i in range(self.depth)]  # decoder outputs, finest first
+        if self.stem is not None:
+            rows = [self.refine(rows[0], image), *rows]
         # Logits go back to the default layout (cheap: num_classes channels) so callers may .view() them.
         if self.deep_supervision and self.training:
-            return [head(nodes[(i, self.depth - i)]).contiguous() for i, head in enumerate(self.heads)]
-        return self.heads[0](nodes[(0, self.depth)]).contiguous()
+            return [head(row).contiguous() for head, row in zip(self.heads, rows)]
+        return self.heads[0](rows[0]).contiguous()
 
 
 def _kaiming_init(module: nn.Module) -> None:
@@ -373,6 +431,7 @@ def build_network(
     norm: str = "instance",
     dropout: float = 0.0,
     deep_supervision: bool = False,
+    stem_stride: int | Sequence[int] = 1,
 ) -> nn.Module:
     """Build one of ARCHITECTURES.
 
@@ -401,6 +460,7 @@ def build_network(
         norm=norm,
         dropout=dropout,
         deep_supervision=deep_supervision,
+        stem_stride=stem_stride,
         **switches[architecture],
     )
 

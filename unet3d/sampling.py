@@ -205,3 +205,10 @@ class PatchSampler:
         if self.device.type == "cuda":
             return image.pin_memory().to(self.device, non_blocking=True), label.pin_memory().to(self.device, non_blocking=True)
         return image, label
+
+
+def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The central `size` of the last three axes of x (B, C, X, Y, Z): what is left of a context-padded patch
+    once spatial augmentation has warped it."""
+    starts = [(n - s) // 2 for n, s in zip(x.shape[-3:], size)]
+    return x[..., starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1], starts[2]:starts[2] + size[2]]

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -33,15 +34,20 @@ from torch import nn
 
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
+from .config import TrainConfig
 from .io import atomic_path
 from .losses import DeepSupervisionLoss, DiceCELoss
+from .metrics import dice_per_class
 from .models import build_network, count_parameters, plan_topology
-from .sampling import IGNORE_INDEX, CaseData, PatchSampler, load_case, plan_patch_size
+from .postprocess import choose_postprocessing
+from .sampling import IGNORE_INDEX, CaseData, PatchSampler, center_crop, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+# Spatial augmentation sees this much more of the volume on each side of the patch (then crops the centre).
+CONTEXT_FRACTION = 0.125
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,6 +89,11 @@ class TrainSpec:
         train = {k: v for k, v in self.train.items() if k not in ("max_epochs", "time_limit_min", "threads")}
         return {"train_cases": sorted(Path(c).name for c in self.train_cases), "classes": self.classes,
                 "label_map": self.label_map, "train": train, "roi": self.roi, "patch_size": self.patch_size}
+
+    def recipe_identity(self) -> str:
+        """What a planned recipe was planned from (recipe.json is reused only under the same identity; a grown
+        time budget keeps the recipe, so that the run continues instead of starting over)."""
+        return json.dumps(self.identity(), sort_keys=True, default=str)
 
 
 @dataclass
@@ -170,27 +181,16 @@ def restore_rng_states(states: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Validation: the same sliding window as inference, on whole validation cases
 # ---------------------------------------------------------------------------------------------------------
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
-    """Dice per class; both empty counts as 1 (SPEC's empty-mask policy); ignored voxels don't count."""
-    valid = ref != IGNORE_INDEX
-    out = {}
-    for c in classes:
-        p, r = (pred == c) & valid, (ref == c) & valid
-        denom = int(p.sum()) + int(r.sum())
-        out[c] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
-    return out
-
-
 @torch.inference_mode()
-def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
-             device: torch.device, overlap: float = 0.5) -> dict[int, float]:
-    """Mean Dice per class over whole validation cases (stage 2: inside the reference ROI box)."""
+def predict_cases(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
+                  device: torch.device, overlap: float = 0.5) -> list[np.ndarray]:
+    """Label maps (X, Y, Z) uint8 of whole cases with the inference sliding window (stage 2: inside the
+    reference ROI box, background outside)."""
     was_training = model.training
     model.eval()
-    scores: dict[int, list[float]] = {c: [] for c in range(1, num_classes)}
+    preds = []
     for case in cases:
         image = torch.from_numpy(np.ascontiguousarray(case.image))
-        label = case.label
         box = case.roi_box
         if box is not None:
             sl = tuple(slice(a, b) for a, b in box)
@@ -198,13 +198,33 @@ def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], 
         probs = sliding_window_predict(model, image, patch, num_classes, overlap=overlap, device=device)
         pred = probs.argmax(0).numpy().astype(np.uint8)
         if box is not None:
-            full = np.zeros(label.shape, dtype=np.uint8)
+            full = np.zeros(case.shape, dtype=np.uint8)
             full[sl] = pred
             pred = full
-        for c, d in dice_per_class(pred, np.asarray(label), range(1, num_classes)).items():
-            scores[c].append(d)
+        preds.append(pred)
     model.train(was_training)
+    return preds
+
+
+def mean_dice(preds: Sequence[np.ndarray], cases: Sequence[CaseData], num_classes: int) -> dict[int, float]:
+    scores: dict[int, list[float]] = {c: [] for c in range(1, num_classes)}
+    for pred, case in zip(preds, cases):
+        for c, d in dice_per_class(pred, np.asarray(case.label), range(1, num_classes)).items():
+            scores[c].append(d)
     return {c: float(np.mean(v)) if v else float("nan") for c, v in scores.items()}
+
+
+def volume_ratio(preds: Sequence[np.ndarray], cases: Sequence[CaseData]) -> float:
+    """Predicted / reference foreground volume over the cases (> 1: over-segmentation)."""
+    pred = sum(int(((p > 0) & (np.asarray(c.label) != IGNORE_INDEX)).sum()) for p, c in zip(preds, cases))
+    ref = sum(int(((np.asarray(c.label) > 0) & (np.asarray(c.label) != IGNORE_INDEX)).sum()) for c in cases)
+    return pred / ref if ref else float("nan")
+
+
+def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
+             device: torch.device, overlap: float = 0.5) -> dict[int, float]:
+    """Mean Dice per class over whole validation cases (stage 2: inside the reference ROI box)."""
+    return mean_dice(predict_cases(model, cases, patch, num_classes, device, overlap), cases, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,90 +247,146 @@ def build_model_from_config(model_config: dict) -> nn.Module:
         model_config["architecture"], model_config["in_channels"], model_config["num_classes"],
         features=model_config["features"], strides=model_config["strides"], kernel_sizes=model_config["kernel_sizes"],
         norm=model_config["norm"], dropout=model_config["dropout"],
-        deep_supervision=model_config["deep_supervision"])
+        deep_supervision=model_config["deep_supervision"], stem_stride=model_config.get("stem_stride", 1))
+
+
+def network_topology(patch: Sequence[int], spacing: Sequence[float], n_stages: int,
+                     stem_stride: Sequence[int] = (1, 1, 1)):
+    """Strides and kernels per stage; with a strided stem they are planned on the stem's coarser grid."""
+    stem = [int(s) for s in stem_stride]
+    return plan_topology([math.ceil(p / s) for p, s in zip(patch, stem)],
+                         [sp * s for sp, s in zip(spacing, stem)], n_stages)
+
+
+def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacing: Sequence[float],
+                   n_val_cases: int, device: torch.device, out: Path, rank: int = 0, world: int = 1):
+    """The planned recipe: recipe.json of an earlier run of the same spec if there is one (a resumed or
+    extended run keeps its network), else planned now (with calibration) and written there. Under DDP rank 0
+    plans and the other ranks read its recipe.json, so that every rank builds the same network."""
+    if world > 1:
+        if rank == 0:
+            recipe, reused = resolve_recipe(spec, cfg, patch, spacing, n_val_cases, device, out)
+            dist.barrier()
+            return recipe, reused
+        dist.barrier()
+        from .recipe import Recipe
+
+        return Recipe.from_dict(json.loads((out / "recipe.json").read_text())["recipe"]), True
+    from .recipe import Recipe, plan_recipe
+
+    path = out / "recipe.json"
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("planned_for") == spec.recipe_identity():
+                return Recipe.from_dict(saved["recipe"]), True
+        except (ValueError, KeyError, TypeError):
+            log.warning("stage %s: %s is unreadable; planning the recipe again", spec.stage, path)
+    recipe = plan_recipe(cfg, patch=patch, spacing=spacing, num_classes=spec.num_classes, in_channels=1,
+                         n_val_cases=n_val_cases, device=device)
+    atomic_write_text(path, json.dumps({"planned_for": spec.recipe_identity(), "recipe": recipe.to_dict()}, indent=1))
+    return recipe, False
 
 
 def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
-    cfg = spec.train
+    cfg = TrainConfig.model_validate(spec.train)
     rank, world = _distributed()
     is_main = rank == 0
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    device = pick_device(cfg.get("device", "auto"))
-    if cfg.get("deterministic"):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seed_everything(cfg.get("seed", 0))
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
 
     # --- data -------------------------------------------------------------------------------------------
-    t_load = time.perf_counter()
-    train_cases = [load_case(d, spec.label_map, spec.roi, seed=cfg.get("seed", 0)) for d in spec.train_cases]
+    train_cases = [load_case(d, spec.label_map, spec.roi, seed=cfg.seed) for d in spec.train_cases]
     train_cases = [c for c in train_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
     val_cases = [load_case(d, spec.label_map, spec.roi) for d in spec.val_cases]
     val_cases = [c for c in val_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
-    if cfg.get("val_max_cases"):
-        val_cases = val_cases[: cfg["val_max_cases"]]
+    if cfg.val_max_cases:
+        val_cases = val_cases[: cfg.val_max_cases]
     if not train_cases:
         raise ValueError(f"stage {spec.stage}: no labelled training case" +
                          (" with a non-empty ROI" if spec.roi else ""))
     spacing = list(spec.spacing or train_cases[0].spacing)
-    patch = list(spec.patch_size or cfg.get("patch_size") or
-                 plan_patch_size([c.region_shape() for c in train_cases], spacing, cfg.get("max_patch_voxels", 128**3)))
+    from .recipe import cuda_patch_voxels
+
+    patch = list(spec.patch_size or cfg.patch_size or
+                 plan_patch_size([c.region_shape() for c in train_cases], spacing,
+                                 cuda_patch_voxels(device, cfg.max_patch_voxels)))
     num_classes = spec.num_classes
+    t_load = time.perf_counter() - t_start
+
+    # --- the recipe: every key the config leaves open, planned (and timed) on this device ----------------
+    recipe, reused = resolve_recipe(spec, cfg, patch, spacing, len(val_cases), device, out, rank, world)
+    augment = recipe.augment
+    # Spatial augmentation warps a larger region and crops its centre afterwards, so that rotated or zoomed
+    # patches carry real image in their corners instead of zeros (as nnU-Net does).
+    spatial = augment != "none" and (AUGMENT_PRESETS[augment].get("p_rotate", 1) > 0 or
+                                     AUGMENT_PRESETS[augment].get("p_scale", 1) > 0)
+    context = [int(math.ceil(p * CONTEXT_FRACTION)) if spatial else 0 for p in patch]
     data_bytes = sum(c.nbytes() for c in train_cases)
     keep_on_device = device.type == "cuda" and data_bytes < 0.3 * torch.cuda.mem_get_info(device)[0]
-    sampler = PatchSampler(train_cases, patch, cfg.get("batch_size", 2), device,
-                           foreground_oversample=cfg.get("foreground_oversample", 0.33),
-                           roi_jitter_mm=cfg.get("roi_jitter_mm", 0.0) if spec.roi else 0.0,
-                           keep_on_device=keep_on_device)
+    sampler = PatchSampler(train_cases, [p + 2 * c for p, c in zip(patch, context)], recipe.batch_size, device,
+                           foreground_oversample=cfg.foreground_oversample,
+                           roi_jitter_mm=cfg.roi_jitter_mm if spec.roi else 0.0, keep_on_device=keep_on_device)
     log.info("stage %s: %d training and %d validation cases loaded in %.1f s; patch %s at %s mm; device %s%s",
-             spec.stage, len(train_cases), len(val_cases), time.perf_counter() - t_load, patch,
+             spec.stage, len(train_cases), len(val_cases), t_load, patch,
              [round(s, 3) for s in spacing], device, " (training set on the device)" if keep_on_device else "")
+    log.info("stage %s: recipe %s%s: features %s, stem %s, batch %d, %d iterations/epoch, augment %s, "
+             "validation every %d epoch(s)%s", spec.stage, "reused from recipe.json" if reused else "planned",
+             f" in {time.perf_counter() - t_start - t_load:.1f} s" if not reused else "", recipe.features,
+             recipe.stem_stride, recipe.batch_size, recipe.iterations_per_epoch, augment, recipe.val_every,
+             f"; measured {recipe.seconds_per_iteration:.3f} s/iteration" if recipe.seconds_per_iteration else "")
+    for key, why in recipe.reasons.items():
+        log.info("stage %s: recipe %s: %s", spec.stage, key, why)
 
     # --- network, loss, optimiser --------------------------------------------------------------------------
-    features = list(cfg.get("features", [16, 32, 64, 128]))
-    strides, kernels = plan_topology(patch, spacing, len(features))
+    features = list(recipe.features)
+    strides, kernels = network_topology(patch, spacing, len(features), recipe.stem_stride)
     model_config = {
-        "architecture": cfg.get("architecture", "unet3d"), "in_channels": 1, "num_classes": num_classes,
+        "architecture": cfg.architecture, "in_channels": 1, "num_classes": num_classes,
         "features": features, "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
-        "norm": cfg.get("norm", "instance"), "dropout": cfg.get("dropout", 0.0),
-        "deep_supervision": bool(cfg.get("deep_supervision", True)),
+        "stem_stride": list(recipe.stem_stride), "norm": cfg.norm, "dropout": cfg.dropout,
+        "deep_supervision": cfg.deep_supervision,
     }
     model = build_model_from_config(model_config).to(device)
     n_params = count_parameters(model)
     train_model: nn.Module = model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.get("compile"):
+    if cfg.compile:
         train_model = torch.compile(train_model)
 
-    base_lr = cfg.get("lr") or (1e-2 if cfg.get("optimizer", "adamw") == "sgd" else 3e-3)
-    if cfg.get("optimizer", "adamw") == "sgd":
+    base_lr = cfg.lr or (1e-2 if cfg.optimizer == "sgd" else 3e-3)
+    if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.99, nesterov=True,
-                                    weight_decay=cfg.get("weight_decay", 3e-5))
+                                    weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.get("weight_decay", 3e-5))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     # bf16 needs no loss scaling; a scaler is kept (disabled) so checkpoints have one format on every device
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     base_loss = DiceCELoss(ignore_index=IGNORE_INDEX)
-    criterion = DeepSupervisionLoss(base_loss) if model_config["deep_supervision"] else base_loss
-    augment = {True: "full", False: "none"}.get(cfg.get("augment", "full"), cfg.get("augment", "full"))
+    criterion = DeepSupervisionLoss(base_loss) if cfg.deep_supervision else base_loss
     augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
 
-    max_epochs = int(cfg.get("max_epochs", 50))
-    iters = int(cfg.get("iterations_per_epoch", 50))
-    time_limit = cfg.get("time_limit_min")
-    time_limit_s = float(time_limit) * 60 if time_limit else None
+    max_epochs = recipe.max_epochs
+    iters = recipe.iterations_per_epoch
+    # The budget covers everything this run does: loading and recipe calibration count against it.
+    time_limit_s = cfg.time_limit_min * 60 - (time.perf_counter() - t_start) if cfg.time_limit_min else None
     total_steps = max_epochs * iters
 
     # --- resume ------------------------------------------------------------------------------------------
     latest_path, best_path = out / "checkpoint_latest.pt", out / "checkpoint_best.pt"
     log_path, curve_path, model_json = out / "train_log.parquet", out / "learning_curve.png", out / "model.json"
-    identity = json.loads(json.dumps(spec.identity(), sort_keys=True))
+    identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity()}, sort_keys=True))
     start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
     if latest_path.exists():
         state = torch.load(latest_path, map_location=device, weights_only=True)
@@ -326,11 +402,11 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         else:
             log.warning("stage %s: %s belongs to another configuration; training from scratch", spec.stage, latest_path)
 
+    model_meta = {"model": model_config, "patch_size": patch, "spacing": spacing, "classes": spec.classes,
+                  "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
+                  "parameters": n_params, "recipe": recipe.to_dict(), "world_size": world}
     if is_main:
-        atomic_write_text(model_json, json.dumps({
-            "model": model_config, "patch_size": patch, "spacing": spacing, "classes": spec.classes,
-            "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
-            "parameters": n_params}, indent=1))
+        atomic_write_text(model_json, json.dumps(model_meta, indent=1))
 
     # --- epochs ------------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -339,11 +415,11 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     step = start_epoch * iters
     bar = tqdm(range(start_epoch, max_epochs), desc=f"train {spec.stage}", unit="epoch", disable=not (progress and is_main),
                initial=start_epoch, total=max_epochs, leave=False)
-    seed = int(cfg.get("seed", 0))
+    seed = cfg.seed
     epoch = start_epoch - 1
     for epoch in bar:
-        if time_limit_s is not None and elapsed >= time_limit_s:
-            stopped_by = "time_limit"
+        if time_limit_s is not None and elapsed >= time_limit_s and history:
+            stopped_by = "time_limit"  # (a run always trains at least one epoch, so that a model exists)
             break
         t_epoch = time.perf_counter()
         # Every epoch's randomness derives from (seed, rank, epoch): resuming needs no stream replay.
@@ -356,13 +432,18 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         for _ in range(iters):
             progress_frac = step / total_steps
             if time_limit_s is not None:
-                progress_frac = max(progress_frac, (elapsed + time.perf_counter() - t_epoch) / time_limit_s)
+                spent = elapsed + time.perf_counter() - t_epoch
+                if spent >= time_limit_s and (history or losses):
+                    break  # the budget ends inside an epoch: stop now (the epoch is recorded as it stands)
+                progress_frac = max(progress_frac, spent / time_limit_s)
             lr = poly_lr(base_lr, progress_frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             image, label = sampler.sample(rng)
             if augmenter is not None:
                 image, label = augmenter(image, label, aug_gen)
+            if any(context):
+                image, label = center_crop(image, patch), center_crop(label, patch)
             with autocast(device):
                 outputs = train_model(image)
             loss = criterion(_float(outputs), label.long())
@@ -376,13 +457,17 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             step += 1
         train_seconds = time.perf_counter() - t_epoch
 
-        row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "train_seconds": train_seconds}
+        row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
+                               "iterations": len(losses), "train_seconds": train_seconds}
         improved = False
-        if is_main and val_cases and ((epoch + 1) % cfg.get("val_every", 1) == 0 or epoch == max_epochs - 1):
-            dice = validate(model, val_cases, patch, num_classes, device, spec.overlap)
+        last_epoch = epoch == max_epochs - 1 or (time_limit_s is not None and len(losses) < iters)
+        if is_main and val_cases and ((epoch + 1) % recipe.val_every == 0 or last_epoch):
+            preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
+            dice = mean_dice(preds, val_cases, num_classes)
             for c, d in dice.items():
                 row[f"val_dice_{spec.classes.get(c, c)}"] = d
             row["val_dice_mean"] = float(np.nanmean(list(dice.values())))
+            row["val_volume_ratio"] = volume_ratio(preds, val_cases)
             if row["val_dice_mean"] > best_dice:
                 best_dice, best_epoch, improved = row["val_dice_mean"], epoch, True
         elif is_main and not val_cases:
@@ -406,6 +491,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row.get('val_dice_mean', float('nan')):.3f}")
         if world > 1:
             dist.barrier()
+        if time_limit_s is not None and len(losses) < iters:
+            stopped_by = "time_limit"
+            break
     bar.close()
     if is_main:
         if history:
@@ -415,6 +503,19 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             state = torch.load(latest_path, map_location="cpu", weights_only=True)
             atomic_torch_save({"model": state["model"], "epoch": state["epoch"], "val_dice_mean": None,
                                "version": CHECKPOINT_VERSION}, best_path)
+        # Post-processing learned on validation (nnU-Net's rule): keep the largest connected component of a
+        # class only where that raises the validation Dice of the best checkpoint.
+        if val_cases and cfg.postprocess != "none" and best_path.exists():
+            best_state = torch.load(best_path, map_location=device, weights_only=True)
+            model.load_state_dict(best_state["model"])
+            preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
+            choice = choose_postprocessing(preds, [c.label for c in val_cases], range(1, num_classes),
+                                           force=cfg.postprocess == "largest_component")
+            model_meta["postprocess"] = choice
+            atomic_write_text(model_json, json.dumps(model_meta, indent=1))
+            log.info("stage %s: post-processing %s (validation Dice %.4f -> %.4f)", spec.stage,
+                     f"keeps the largest component of classes {choice['largest_component']}"
+                     if choice["largest_component"] else "none", choice["val_dice_before"], choice["val_dice_after"])
     if world > 1:
         dist.barrier()
     return TrainResult(str(out), str(best_path), str(latest_path), str(model_json), str(log_path), str(curve_path),

@@ -1,0 +1,194 @@
+"""The training recipe planner (unet3d.recipe), the strided-stem network, crop-after-warp and the post-processing
+chosen on validation: fast unit tests, plus one small training run that records the recipe and reuses it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unet3d.config import ConfigError, TrainConfig, parse_config
+from unet3d.models import build_network
+from unet3d.postprocess import apply_postprocessing, choose_postprocessing, keep_largest_component
+from unet3d.recipe import CPU_LADDER, MIN_ITERATIONS, plan_recipe
+from unet3d.sampling import center_crop
+
+CPU = torch.device("cpu")
+
+
+def fake_timer(seconds_by_base_and_stem):
+    """A time_fn that returns fixed seconds per iteration per (base width, stem) and records the calls."""
+    calls = []
+
+    def time_fn(features, stem, batch, augment):
+        calls.append((features[0], max(stem)))
+        return seconds_by_base_and_stem[(features[0], max(stem))]
+    time_fn.calls = calls
+    return time_fn
+
+
+def plan(cfg: TrainConfig, time_fn, device=CPU, n_val=10):
+    return plan_recipe(cfg, patch=[40, 56, 40], spacing=[1.0, 1.0, 1.0], num_classes=3, in_channels=1,
+                       n_val_cases=n_val, device=device, time_fn=time_fn)
+
+
+CPU_TIMES = {(8, 2): 0.07, (16, 2): 0.13, (8, 1): 0.18, (16, 1): 0.4, (24, 1): 0.9, (32, 1): 1.3}
+
+
+def test_planner_takes_the_most_capable_network_that_fits_the_budget():
+    budget_min = 8
+    recipe = plan(TrainConfig(time_limit_min=budget_min), fake_timer(CPU_TIMES))
+    usable = budget_min * 60 * 0.9
+    fitting = [k for k in CPU_LADDER if usable / CPU_TIMES[k] >= MIN_ITERATIONS]
+    base, stem = fitting[-1]
+    assert recipe.features[0] == base and max(recipe.stem_stride) == stem
+    assert recipe.reasons["features"].startswith("the most capable candidate")
+    # every candidate up to the first that does not fit was timed, and is recorded
+    assert len(recipe.calibration) == len(fitting) + 1
+    # a short run gets light augmentation, epochs of ~1/40 of the budget, an unbounded epoch count
+    assert recipe.augment == "light" and recipe.max_epochs >= 10_000
+    assert recipe.iterations_per_epoch == round(budget_min * 60 / 40 / CPU_TIMES[(base, stem)])
+
+
+def test_a_longer_budget_buys_a_larger_network_and_full_augmentation():
+    short = plan(TrainConfig(time_limit_min=2), fake_timer(CPU_TIMES))
+    long = plan(TrainConfig(time_limit_min=600), fake_timer(CPU_TIMES))
+    assert sum(long.features) > sum(short.features)
+    assert long.augment == "full" and short.augment == "light"
+
+
+def test_a_tiny_budget_still_gets_the_cheapest_network():
+    recipe = plan(TrainConfig(time_limit_min=0.05), fake_timer(CPU_TIMES))
+    assert (recipe.features[0], max(recipe.stem_stride)) == CPU_LADDER[0]
+    assert "cheapest" in recipe.reasons["features"]
+
+
+def test_gpu_ladder_scales_up():
+    gpu_times = {(16, 1): 0.02, (24, 1): 0.03, (32, 1): 0.05}
+    recipe = plan(TrainConfig(time_limit_min=10), fake_timer(gpu_times), device=torch.device("cuda"))
+    assert recipe.features[0] == 32 and recipe.stem_stride == [1, 1, 1]
+
+
+def test_explicit_values_are_used_exactly():
+    """Acceptance 5 of issue 9: the planner only fills gaps."""
+    cfg = TrainConfig(time_limit_min=8, features=[12, 24, 48], stem_stride=[2, 2, 1], batch_size=3,
+                      iterations_per_epoch=17, max_epochs=9, val_every=4, augment="full")
+    timer = fake_timer({(12, 2): 0.5})
+    recipe = plan(cfg, timer)
+    assert recipe.features == [12, 24, 48] and recipe.stem_stride == [2, 2, 1] and recipe.batch_size == 3
+    assert recipe.iterations_per_epoch == 17 and recipe.max_epochs == 9 and recipe.val_every == 4
+    assert recipe.augment == "full"
+    assert all(recipe.reasons[k] == "set in the config" for k in
+               ("features", "stem_stride", "batch_size", "iterations_per_epoch", "max_epochs", "val_every", "augment"))
+
+
+def test_without_a_budget_the_defaults_are_todays():
+    timer = fake_timer({})
+    recipe = plan(TrainConfig(), timer)
+    assert timer.calls == []  # nothing to calibrate against
+    assert recipe.features == [16, 32, 64, 128] and recipe.stem_stride == [1, 1, 1]
+    assert recipe.max_epochs == 50 and recipe.iterations_per_epoch == 50 and recipe.val_every == 1
+
+
+def test_train_config_refuses_non_finite_and_malformed_recipe_values():
+    for bad in ({"lr": float("inf")}, {"lr": float("nan")}, {"time_limit_min": float("inf")},
+                {"stem_stride": [2, 2]}, {"features": [8]}, {"patch_size": [0, 8, 8]}):
+        with pytest.raises(ConfigError) as err:
+            parse_config({"cohort": {"name": "c"}, "labels": {1: "a"}, "train": bad})
+        assert f"train.{next(iter(bad))}" in str(err.value)
+    assert TrainConfig(augment=True).augment == "full" and TrainConfig(augment=False).augment == "none"
+
+
+@pytest.mark.parametrize("shape", [(37, 51, 35), (40, 56, 40), (9, 11, 7)])
+def test_strided_stem_network_returns_full_resolution_logits(shape):
+    net = build_network("unet3d", 1, 3, features=[8, 16, 32], strides=[(1, 1, 1), (2, 2, 2), (2, 2, 2)],
+                        deep_supervision=True, stem_stride=2)
+    x = torch.randn(2, 1, *shape)
+    outs = net(x)
+    assert tuple(outs[0].shape) == (2, 3, *shape)
+    assert len(outs) == 2 and all(o.shape[2] < shape[0] for o in outs[1:])
+    net.eval()
+    assert tuple(net(x).shape) == (2, 3, *shape)
+    # the stem halves the work of stage 0: fewer multiply-adds than the same widths at full resolution
+    plain = build_network("unet3d", 1, 3, features=[8, 16, 32], strides=[(1, 1, 1), (2, 2, 2), (2, 2, 2)])
+    assert sum(p.numel() for p in net.parameters()) < 2 * sum(p.numel() for p in plain.parameters())
+
+
+def test_center_crop_takes_the_middle():
+    x = torch.arange(10 * 12 * 8).reshape(1, 1, 10, 12, 8)
+    c = center_crop(x, [6, 8, 4])
+    assert tuple(c.shape) == (1, 1, 6, 8, 4) and c[0, 0, 0, 0, 0] == x[0, 0, 2, 2, 2]
+
+
+def test_largest_component_and_the_validation_rule():
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[5:10, 5:10, 5:10] = 1
+    noisy = ref.copy()
+    noisy[15:17, 15:17, 15:17] = 1  # a false-positive blob
+    cleaned = keep_largest_component(noisy, [1])
+    assert (cleaned == ref).all()
+    choice = choose_postprocessing([noisy], [ref], [1])
+    assert choice["largest_component"] == [1] and choice["val_dice_after"] > choice["val_dice_before"]
+    # a class whose true shape has two pieces keeps both: the step is not chosen
+    two = ref.copy()
+    two[14:18, 14:18, 14:18] = 1
+    assert choose_postprocessing([two], [two], [1])["largest_component"] == []
+    assert (apply_postprocessing(two, {"largest_component": []}) == two).all()
+
+
+def test_training_records_and_reuses_its_planned_recipe(tmp_path):
+    from tests.test_train import tiny_spec
+    from unet3d.train import train
+
+    spec = tiny_spec(tmp_path / "store", tmp_path / "out", features=None, augment=None, iterations_per_epoch=None,
+                     max_epochs=None, time_limit_min=0.3, deterministic=False)
+    train(spec, progress=False)
+    meta = json.loads((tmp_path / "out" / "model.json").read_text())
+    recipe = meta["recipe"]
+    assert recipe["calibration"] and recipe["reasons"]["features"]
+    assert meta["model"]["features"] == recipe["features"]
+    assert meta["model"]["stem_stride"] == recipe["stem_stride"]
+    assert "postprocess" in meta and set(meta["postprocess"]) >= {"largest_component", "val_dice_before"}
+    saved = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    # a second run of the same spec (a longer budget) reuses the recipe instead of re-timing it
+    spec.train["time_limit_min"] = 0.4
+    train(spec, progress=False)
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text()) == saved
+
+
+def test_the_time_budget_ends_a_run_inside_an_epoch(tmp_path):
+    """Issue 11 item 10: `time_limit_min: 1` ran 178 s because the limit was checked only between epochs."""
+    import pandas as pd
+
+    from tests.test_train import tiny_spec
+    from unet3d.train import train
+
+    spec = tiny_spec(tmp_path / "store", tmp_path / "out", iterations_per_epoch=100_000, max_epochs=3,
+                     time_limit_min=0.05)
+    result = train(spec, progress=False)
+    log = pd.read_parquet(result.log_path)
+    assert result.stopped_by == "time_limit" and len(log) == 1
+    assert 0 < int(log["iterations"].iloc[0]) < 100_000
+    assert (tmp_path / "out" / "checkpoint_best.pt").exists()
+
+
+def test_a_cascade_shares_its_time_between_stages():
+    from unet3d.recipe import ROI_STAGE_SHARE, stage_time_budgets
+
+    first, second = stage_time_budgets(8, [None, None])
+    assert first == pytest.approx(16 * ROI_STAGE_SHARE) and second == pytest.approx(16 * (1 - ROI_STAGE_SHARE))
+    assert stage_time_budgets(8, [None]) == [8]  # a single stage keeps its budget
+    assert stage_time_budgets(None, [None, None]) == [None, None]  # epochs, not time, bound the run
+    assert stage_time_budgets(8, [3, None]) == [3, 8]  # a stage's own budget is used as given
+
+
+def test_stage_settings_give_each_cascade_stage_its_share(tmp_path):
+    from flows.stages import _stage_settings, stage_list
+
+    cfg = parse_config({"cohort": {"name": "c"}, "labels": {1: "a", 2: "b"},
+                        "stages": [{"name": "roi", "classes": {1: "x"}, "merge": {1: [1, 2]}, "spacing_factor": 2},
+                                   {"name": "final", "classes": {1: "a", 2: "b"}, "roi_from": "roi"}],
+                        "train": {"time_limit_min": 8}}).model_dump(mode="json")
+    budgets = [_stage_settings(cfg, s)[1]["time_limit_min"] for s in stage_list(cfg)]
+    assert budgets[0] < 8 < budgets[1] and sum(budgets) == pytest.approx(16)

@@ -1,0 +1,275 @@
+"""The training recipe, planned from the data, the device and the budget (nnU-Net plans from the data and the
+GPU's memory; here the time budget and a measured calibration decide too).
+
+What the planner decides, for every recipe key the config leaves unset (`None`; a value set in the config is
+used exactly as given):
+
+* ``patch_size``: the median training region rounded up to a multiple of 8 (the whole structure fits), under
+  a voxel cap that grows with the GPU's free memory.
+* ``features`` and ``stem_stride`` (the network's widths and whether stage 0 runs on a 2x coarser grid): a
+  ladder of candidate networks, cheapest first, is *timed on the actual device* (a few real training
+  iterations: sampling aside, forward, Dice+CE with deep supervision, backward, AdamW step). With a time budget
+  the planner takes the most capable candidate that still fits ``MIN_ITERATIONS`` training iterations into it
+  (a network that sees too few batches over-segments: see the README's quality notes); without one, today's
+  default network.
+* ``augment``: ``light`` when the run is too short for heavy augmentation to pay off (fewer than
+  ``FULL_AUGMENT_MIN_ITERATIONS`` iterations), else ``full``.
+* ``iterations_per_epoch``, ``max_epochs``, ``val_every``: with a time budget, epochs of about 1/40 of the
+  budget and validation every epoch unless its measured cost would take more than ``MAX_VALIDATION_SHARE`` of
+  the budget; without one, 50 x 50 iterations, validation every epoch.
+* ``batch_size``: 2 (nnU-Net's choice; on a CPU a larger batch only costs proportionally more time).
+
+The recipe, every candidate's measured time and the reason for each choice are written to ``model.json`` and
+the training log, so a user sees what was chosen and why, and can pin any part of it in the config.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Measured on the hippocampus cohort on a 2-core CPU (benchmarks/train_hippocampus.py, README "Quality"):
+# below about this many iterations a network has not converged and its soft-Dice optimum over-segments.
+MIN_ITERATIONS = 4000
+FULL_AUGMENT_MIN_ITERATIONS = 12_000
+MAX_VALIDATION_SHARE = 0.10
+MAX_CALIBRATION_SHARE = 0.05
+EPOCHS_PER_BUDGET = 40
+DEFAULT_EPOCHS = 50
+DEFAULT_ITERATIONS = 50
+DEFAULT_BATCH = 2
+DEFAULT_FEATURES = [16, 32, 64, 128]
+MAX_FEATURES = 320
+CALIBRATION_ITERATIONS = 3
+# A cascade's first stage only has to find the organ on a coarse grid (its box is grown by a margin, so a
+# rough mask will do) and converges in a fraction of the iterations: it gets this share of the cascade's time.
+ROI_STAGE_SHARE = 0.3
+
+# Candidate networks, cheapest first: (base width, stem stride). Depth and the widths' doubling come from the
+# patch (stages until the bottleneck is small), capped at MAX_FEATURES as nnU-Net does.
+CPU_LADDER = [(8, 2), (16, 2), (8, 1), (16, 1), (24, 1), (32, 1)]
+CUDA_LADDER = [(16, 1), (24, 1), (32, 1)]
+
+
+@dataclass
+class Recipe:
+    """A complete, explicit training recipe (every value decided)."""
+
+    features: list[int]
+    stem_stride: list[int]
+    batch_size: int
+    patch_size: list[int]
+    iterations_per_epoch: int
+    max_epochs: int
+    val_every: int
+    augment: str
+    seconds_per_iteration: float | None = None  # measured, for the chosen network
+    calibration: list[dict] = field(default_factory=list)  # every candidate timed: features, stem, s/iteration
+    reasons: dict[str, str] = field(default_factory=dict)  # recipe key -> why it has this value
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def identity(self) -> dict:
+        """What makes two runs the same training (not the measurements or the explanations)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("seconds_per_iteration", "calibration", "reasons")}
+
+
+def stage_time_budgets(time_limit_min: float | None, stage_limits: Sequence[float | None]) -> list[float | None]:
+    """Minutes of training per cascade stage. `train.time_limit_min` is the budget per stage on average: a
+    two-stage cascade shares 2 x time_limit_min, ROI_STAGE_SHARE of it to the coarse first stage and the rest
+    to the full-resolution stage that decides the Dice. A stage's own `time_limit_min` is used as given (the
+    other stage then gets time_limit_min)."""
+    n = len(stage_limits)
+    if n != 2 or any(v is not None for v in stage_limits) or time_limit_min is None:
+        return [v if v is not None else time_limit_min for v in stage_limits]
+    total = 2 * time_limit_min
+    return [total * ROI_STAGE_SHARE, total * (1 - ROI_STAGE_SHARE)]
+
+
+def widths(base: int, n_stages: int) -> list[int]:
+    return [min(base * 2**i, MAX_FEATURES) for i in range(n_stages)]
+
+
+def stage_count(patch: Sequence[int], stem: int, min_bottleneck: int = 4, max_stages: int = 6) -> int:
+    """Stages (resolution levels) for a patch: halve until the smallest axis would drop below min_bottleneck."""
+    size = min(math.ceil(p / stem) for p in patch)
+    n = 1
+    while n < max_stages and size / 2 >= min_bottleneck:
+        size /= 2
+        n += 1
+    return max(n, 2)
+
+
+def stem_strides(spacing: Sequence[float], stem: int) -> list[int]:
+    """The stem strides only axes within 2x of the finest spacing (a thick-slice axis keeps its resolution)."""
+    finest = min(spacing)
+    return [stem if s <= 2 * finest else 1 for s in spacing]
+
+
+def cuda_patch_voxels(device: torch.device, configured: int) -> int:
+    """On a GPU the patch cap grows with free memory (about 128^3 per 10 GB, nnU-Net's reference point)."""
+    if device.type != "cuda":
+        return configured
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(configured, int(128**3 * min(free / 10e9, 3.0)))
+
+
+def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float], num_classes: int,
+                in_channels: int, n_val_cases: int, device: torch.device, time_fn=None) -> Recipe:
+    """Fill every recipe key that `cfg` leaves as None. `time_fn(features, stem_stride, batch, augment) ->
+    seconds per training iteration` measures a candidate (default: :func:`measure_iteration` on `device`)."""
+    reasons: dict[str, str] = {}
+    budget_s = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    batch = cfg.batch_size or DEFAULT_BATCH
+    reasons["batch_size"] = "set in the config" if cfg.batch_size else "2: nnU-Net's choice; larger batches cost proportionally more"
+    augment_guess = cfg.augment if cfg.augment is not None else "light"
+    if time_fn is None:
+        def time_fn(features, stem, b, aug):
+            return measure_iteration(features, stem, patch, spacing, num_classes, in_channels, b, aug, device)
+
+    calibration: list[dict] = []
+    features, stem = cfg.features, cfg.stem_stride
+    if features is not None and stem is None:
+        stem = [1, 1, 1]
+        reasons["stem_stride"] = "none: features are set in the config, the stem is chosen with the widths only"
+    elif stem is not None:
+        reasons["stem_stride"] = "set in the config"
+    if features is not None:
+        reasons["features"] = "set in the config"
+    if features is None:
+        if budget_s is None:
+            stem = stem or [1, 1, 1]
+            features = widths(DEFAULT_FEATURES[0], stage_count(patch, max(stem)))
+            reasons["features"] = "no time budget: the default network (base width 16)"
+        else:
+            ladder = CUDA_LADDER if device.type == "cuda" else CPU_LADDER
+            if stem is not None:  # stem fixed by the user: only the widths are planned
+                ladder = [(w, max(stem)) for w, _ in ladder]
+                ladder = list(dict.fromkeys(ladder))
+            chosen = None
+            t_calibration = time.perf_counter()
+            for base, s in ladder:
+                cand_stem = stem or stem_strides(spacing, s)
+                cand = widths(base, stage_count(patch, max(cand_stem)))
+                t = time_fn(cand, cand_stem, batch, augment_guess)
+                iterations = int(budget_s * (1 - MAX_VALIDATION_SHARE) / t) if t > 0 else 0
+                calibration.append({"features": cand, "stem_stride": cand_stem, "seconds_per_iteration": round(t, 4),
+                                    "iterations_in_budget": iterations})
+                if chosen is None or iterations >= MIN_ITERATIONS:
+                    chosen = (cand, cand_stem, t, iterations)
+                if iterations < MIN_ITERATIONS:
+                    break  # every later candidate is costlier still
+                if time.perf_counter() - t_calibration > MAX_CALIBRATION_SHARE * budget_s:
+                    break  # timing more candidates would eat the budget they are timed for
+            features, stem, _t, iterations = chosen
+            reasons["features"] = (
+                f"the most capable candidate that fits >= {MIN_ITERATIONS} iterations into the "
+                f"{budget_s / 60:g} min budget ({iterations} measured-time iterations)" if iterations >= MIN_ITERATIONS
+                else f"the cheapest candidate: none fits {MIN_ITERATIONS} iterations into {budget_s / 60:g} min")
+    t_iter = next((c["seconds_per_iteration"] for c in calibration
+                   if c["features"] == features and c["stem_stride"] == stem), None)
+    if t_iter is None and budget_s is not None:
+        t_iter = time_fn(features, stem, batch, augment_guess)
+        calibration.append({"features": features, "stem_stride": stem, "seconds_per_iteration": round(t_iter, 4),
+                            "iterations_in_budget": int(budget_s * (1 - MAX_VALIDATION_SHARE) / t_iter)})
+
+    total_iterations = (int(budget_s * (1 - MAX_VALIDATION_SHARE) / t_iter) if budget_s is not None
+                        else (cfg.max_epochs or DEFAULT_EPOCHS) * (cfg.iterations_per_epoch or DEFAULT_ITERATIONS))
+    if cfg.augment is not None:
+        augment = cfg.augment
+        reasons["augment"] = "set in the config"
+    else:
+        augment = "full" if total_iterations >= FULL_AUGMENT_MIN_ITERATIONS else "light"
+        reasons["augment"] = (f"{augment}: about {total_iterations} iterations planned "
+                              f"({'>=' if augment == 'full' else '<'} {FULL_AUGMENT_MIN_ITERATIONS}, where heavy "
+                              "augmentation starts to pay off)")
+
+    if cfg.iterations_per_epoch is not None:
+        iterations_per_epoch = cfg.iterations_per_epoch
+        reasons["iterations_per_epoch"] = "set in the config"
+    elif budget_s is not None:
+        iterations_per_epoch = int(np.clip(round(budget_s / EPOCHS_PER_BUDGET / t_iter), 10, 250))
+        reasons["iterations_per_epoch"] = f"epochs of about 1/{EPOCHS_PER_BUDGET} of the time budget"
+    else:
+        iterations_per_epoch = DEFAULT_ITERATIONS
+        reasons["iterations_per_epoch"] = "no time budget: the default"
+    if cfg.max_epochs is not None:
+        max_epochs = cfg.max_epochs
+        reasons["max_epochs"] = "set in the config"
+    elif budget_s is not None:
+        max_epochs = 100_000
+        reasons["max_epochs"] = "unbounded: the time budget ends the run"
+    else:
+        max_epochs = DEFAULT_EPOCHS
+        reasons["max_epochs"] = "no time budget: the default"
+    if cfg.val_every is not None:
+        val_every = cfg.val_every
+        reasons["val_every"] = "set in the config"
+    elif budget_s is not None and n_val_cases:
+        # A validation case costs about one forward pass per window: a third of a training iteration per
+        # sample, and sliding windows overlap by half (about 2x the windows of a patch-sized case).
+        val_cost = n_val_cases * 2 * t_iter / (3 * batch)
+        epochs = max(1.0, budget_s / (iterations_per_epoch * t_iter + val_cost))
+        val_every = max(1, math.ceil(epochs * val_cost / (MAX_VALIDATION_SHARE * budget_s)))
+        reasons["val_every"] = f"validation (about {val_cost:.1f} s for {n_val_cases} cases) kept under " \
+                               f"{MAX_VALIDATION_SHARE:.0%} of the budget"
+    else:
+        val_every = 1
+        reasons["val_every"] = "every epoch"
+    recipe = Recipe(features=list(features), stem_stride=list(stem), batch_size=batch, patch_size=list(patch),
+                    iterations_per_epoch=iterations_per_epoch, max_epochs=max_epochs, val_every=val_every,
+                    augment=augment, seconds_per_iteration=t_iter, calibration=calibration, reasons=reasons)
+    return recipe
+
+
+def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch: Sequence[int],
+                      spacing: Sequence[float], num_classes: int, in_channels: int, batch: int, augment: str,
+                      device: torch.device, iterations: int = CALIBRATION_ITERATIONS) -> float:
+    """Seconds per training iteration of a candidate on `device`: the median of a few timed iterations after
+    one warm-up (augmentation, forward under autocast, deep-supervised Dice+CE, backward, AdamW step)."""
+    from .augment import PRESETS, AugmentConfig, BatchAugmenter
+    from .losses import DeepSupervisionLoss, DiceCELoss
+    from .models import build_network
+    from .train import autocast, network_topology
+
+    strides, kernels = network_topology(patch, spacing, len(features), stem_stride)
+    net = build_network("unet3d", in_channels, num_classes, features=features, strides=strides,
+                        kernel_sizes=kernels, deep_supervision=True, stem_stride=stem_stride).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    loss_fn = DeepSupervisionLoss(DiceCELoss())
+    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **PRESETS[augment]))
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, in_channels, *patch, device=device)
+    y = torch.randint(0, num_classes, (batch, 1, *patch), device=device, dtype=torch.uint8)
+    times = []
+    for i in range(iterations + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        img, lab = (augmenter(x, y, gen) if augmenter is not None else (x, y))
+        with autocast(device):
+            out = net(img)
+        loss = loss_fn([o.float() for o in out], lab.long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    del net, opt
+    return float(np.median(times))
