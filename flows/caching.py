@@ -9,7 +9,8 @@ A stage's key = hash(the content of its inputs, its config section, its code ver
   retrains, but editing the CLI does not.
 
 Prefect persists each stage's (small) result inside the workspace (`WORKSPACE/.prefect/results`), keyed by
-this key. Each stage also writes a marker `WORKSPACE/.stages/STAGE/KEY.json` when it completes; a cache
+this key, as plain JSON; a result file there that is not plain JSON of ours is never deserialized, only
+recomputed (flows/results.py). Each stage also writes a marker `WORKSPACE/.stages/STAGE/KEY.json` when it completes; a cache
 entry whose marker or outputs are gone (a deleted model folder) is refreshed instead of trusted.
 """
 from __future__ import annotations
@@ -130,6 +131,20 @@ def write_marker(workspace: str | Path, stage: str, key: str, result: dict) -> N
     os.replace(tmp, path)
 
 
+def drop_marker(workspace: str | Path, stage: str, key: str) -> None:
+    """Forget that the stage completed with this key (before a --refresh rewrites its outputs in place: an
+    interrupted refresh must not leave a valid-looking cache entry over half-rewritten outputs)."""
+    marker_path(workspace, stage, key).unlink(missing_ok=True)
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def marker_valid(workspace: str | Path, stage: str, key: str) -> bool:
     """The stage completed with this key and the files it listed as outputs still exist."""
     path = marker_path(workspace, stage, key)
@@ -140,6 +155,20 @@ def marker_valid(workspace: str | Path, stage: str, key: str) -> bool:
     except ValueError:
         return False
     return all(Path(p).exists() for p in result.get("outputs", []))
+
+
+def to_data(obj: Any) -> Any:
+    """`obj` as the JSON data it will be when read back from the cache (a fresh result and a cached one are
+    then identical): tuples become lists, keys strings, numpy scalars and paths plain values."""
+    def default(o):
+        if hasattr(o, "item") and callable(o.item):  # numpy scalar
+            return o.item()
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(f"stage result holds a {type(o).__name__}, which is not JSON data")
+    return json.loads(json.dumps(obj, default=default, allow_nan=True))
 
 
 def results_dir(workspace: str | Path) -> Path:

@@ -10,7 +10,6 @@ from flows.settings import apply_defaults
 apply_defaults()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -158,6 +157,12 @@ def cmd_ingest(args) -> int:
 
     from data_catalog.ingest import ingest
 
+    from unet3d.config import safe_name
+
+    try:
+        safe_name(args.cohort, "cohort name")  # it becomes a folder name
+    except ValueError as exc:
+        raise ValueError(f"--cohort: {exc}") from None
     ws = _workspace(args)
     result = ingest(args.source, args.cohort, ws, labels=args.labels, modality=args.modality,
                     workers=min(2, os.cpu_count() or 1), progress=lambda it, **kw: tqdm(it, leave=False, **kw))
@@ -175,7 +180,10 @@ def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
     from flows.pipeline import pipeline_flow
     from unet3d.config import load_config
 
-    load_config(config)  # a bad config fails here, in one line, before Prefect starts
+    from flows.preflight import preflight
+
+    # A bad config fails here, in one line, before Prefect starts and before any stage writes anything.
+    preflight(load_config(config).model_dump(mode="json"), ws)
 
     t0 = time.perf_counter()
     results = pipeline_flow(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)
@@ -240,16 +248,15 @@ def cmd_demo(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from flows.stages import run_record_path
+    from flows.stages import read_run_record
     from unet3d.inference import StageModel, run_cascade
     from unet3d.io import Geometry, from_numpy, read_image, strip_image_suffix, to_numpy, write_image_atomic
 
     ws = _workspace(args)
-    record_path = run_record_path(ws, args.model)
-    if not record_path.exists():
-        runs = sorted(p.stem for p in record_path.parent.glob("*.json")) if record_path.parent.exists() else []
-        raise ValueError(f"no run {args.model!r} in {ws}/runs" + (f"; runs: {', '.join(runs)}" if runs else ""))
-    record = json.loads(record_path.read_text())
+    try:
+        record = read_run_record(ws, args.model)  # a plain run id, its models inside the workspace
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
     stages = record["stages"]
     models = [StageModel.load(s["model_dir"], device=args.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
               for s in stages]
@@ -310,11 +317,13 @@ def cmd_serve(args) -> int:
     from flows.pipeline import pipeline_flow
     from unet3d.config import load_config
 
-    load_config(args.config)  # fail now, not at 2 am
+    from flows.preflight import preflight
+
+    ws = _workspace(args)
+    preflight(load_config(args.config).model_dump(mode="json"), ws)  # fail now, at registration, not at 2 am
     if not os.environ.get("PREFECT_API_URL"):
         raise RuntimeError("serving a schedule needs a Prefect server: start one with `prefect server start` and set "
                            "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api); the ephemeral API never fires schedules")
-    ws = _workspace(args)
     print(f"serving deployment unet3d-pipeline/{args.name}: cron '{args.cron}' ({args.timezone}), workspace {ws}")
     pipeline_flow.serve(name=args.name, schedule=Cron(args.cron, timezone=args.timezone),
                         parameters={"config_path": str(Path(args.config).resolve()), "workspace": ws},

@@ -26,7 +26,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from unet3d.config import PipelineConfig, load_config  # noqa: E402
 
 from . import stages as S  # noqa: E402
-from .caching import DOWNSTREAM, STAGES, marker_valid, results_dir  # noqa: E402
+from .caching import DOWNSTREAM, STAGES, marker_valid, results_dir, to_data  # noqa: E402
+from .preflight import preflight  # noqa: E402
+from .results import DataOnlyJSON, result_storage  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Caching and retry policy, for every stage task
@@ -51,8 +53,11 @@ def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
+# Results are stored as plain JSON and only plain JSON is ever read back (flows/results.py): a result file
+# in the workspace that names another serializer (pickle) is a cache miss, never deserialized.
 STAGE_TASK_OPTIONS = dict(cache_key_fn=_key_from_parameters, persist_result=True, retries=2, retry_delay_seconds=10,
-                          retry_condition_fn=is_transient, cache_result_in_memory=False)
+                          retry_condition_fn=is_transient, cache_result_in_memory=False,
+                          result_serializer=DataOnlyJSON())
 
 
 @task(name="ingest", **STAGE_TASK_OPTIONS)
@@ -71,13 +76,13 @@ def split_task(key: str, workspace: str, cfg: dict) -> dict:
 
 
 @task(name="train", **STAGE_TASK_OPTIONS)
-def train_task(key: str, workspace: str, cfg: dict, stage: dict, preprocess: dict) -> dict:
-    return S.run_train(workspace, cfg, key, stage, preprocess)
+def train_task(key: str, workspace: str, cfg: dict, stage: dict, preprocess: dict, refresh: bool = False) -> dict:
+    return S.run_train(workspace, cfg, key, stage, preprocess, refresh=refresh)
 
 
 @task(name="infer", **STAGE_TASK_OPTIONS)
-def infer_task(key: str, workspace: str, cfg: dict, trains: list[dict], preprocess: dict) -> dict:
-    return S.run_infer(workspace, cfg, key, trains, preprocess)
+def infer_task(key: str, workspace: str, cfg: dict, trains: list[dict], preprocess: dict, refresh: bool = False) -> dict:
+    return S.run_infer(workspace, cfg, key, trains, preprocess, refresh=refresh)
 
 
 @task(name="evaluate", **STAGE_TASK_OPTIONS)
@@ -98,10 +103,12 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
     stale = not marker_valid(workspace, marker_name, key)
     t0 = time.perf_counter()
     logger.info("stage %s: start (key %s)", marker_name, key[:12])
-    configured = task_fn.with_options(result_storage=results_dir(workspace), refresh_cache=forced or stale,
-                                      task_run_name=marker_name)
+    configured = task_fn.with_options(refresh_cache=forced or stale, task_run_name=marker_name)
+    # Prefect's constructor accepts only server-saved storage blocks; a local block set on the task copy is
+    # used as is at run time (as the Path form would be), and it reads only data-only records.
+    configured.result_storage = result_storage(results_dir(workspace))
     state = configured(key=key, workspace=workspace, return_state=True, **task_kwargs)
-    result = state.result()  # raises the stage's exception if it failed
+    result = to_data(state.result())  # raises the stage's exception if it failed
     cached = state.name == "Cached"
     seconds = time.perf_counter() - t0
     logger.info("stage %s: %s in %.1f s", marker_name, "cache hit" if cached else
@@ -132,17 +139,20 @@ def split_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> d
 @flow(name="train")
 def train_flow(workspace: str, cfg: dict, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
     out = []
+    refresh_set = set(refresh or [])
     for stage in S.stage_list(cfg):
         key = S.key_train(workspace, cfg, stage, preprocess)
-        out.append(_call("train", f"train-{stage['name']}", train_task, key, workspace, set(refresh or []),
-                         dict(cfg=cfg, stage=stage, preprocess=preprocess)))
+        # --refresh train retrains from scratch (the stage's old checkpoints are removed, not resumed)
+        out.append(_call("train", f"train-{stage['name']}", train_task, key, workspace, refresh_set,
+                         dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh_set)))
     return out
 
 
 @flow(name="infer")
 def infer_flow(workspace: str, cfg: dict, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
+    refresh_set = set(refresh or [])
     return _call("infer", "infer", infer_task, S.key_infer(workspace, cfg, trains, preprocess), workspace,
-                 set(refresh or []), dict(cfg=cfg, trains=trains, preprocess=preprocess))
+                 refresh_set, dict(cfg=cfg, trains=trains, preprocess=preprocess, refresh="infer" in refresh_set))
 
 
 @flow(name="evaluate")
@@ -204,6 +214,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     cfg_model: PipelineConfig = load_config(config_path)
     cfg = cfg_model.model_dump(mode="json")
     cfg["stages"] = S.stage_list(cfg)
+    preflight(cfg, ws)  # folders, the data's labels, the catalog: refused before any stage writes anything
     refresh_list = expand_refresh(refresh)
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")

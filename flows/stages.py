@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from data_catalog.store import PreprocessedStore, case_records, run_preprocessin
 from data_catalog.tables import Catalog
 from unet3d.recipe import stage_time_budgets
 
-from .caching import cohort_fingerprint, config_part, source_fingerprint, split_fingerprint, stage_key, write_marker
+from .caching import (code_version, cohort_fingerprint, config_part, drop_marker, file_digest, source_fingerprint,
+                      split_fingerprint, stage_key, to_data, write_marker)
 
 log = logging.getLogger("flows.stages")
 
@@ -44,7 +46,8 @@ def _cohort(cfg: dict) -> str:
 
 
 def _finish(workspace: str, stage: str, key: str, result: dict) -> dict:
-    result = dict(result, key=key, stage=stage, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # As JSON data: what a cache hit reads back is then identical to what this run returns.
+    result = to_data(dict(result, key=key, stage=stage, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     write_marker(workspace, stage, key, result)
     return result
 
@@ -77,12 +80,28 @@ def run_ingest(workspace: str, cfg: dict, key: str) -> dict:
                     declared_labels=declared, workers=cfg.get("preprocess", {}).get("workers", 1))
     log.info(result.summary())
     issues = catalog.read("issues")
-    for r in issues[(issues["cohort"] == c["name"]) & (issues["severity"] == "error")].to_dict("records"):
+    errors = issues[(issues["cohort"] == c["name"]) & (issues["severity"] == "error")]
+    for r in errors.to_dict("records"):
         log.warning("case %s quarantined: %s: %s", r["case_id"], r["code"], r["message"])
+    _labels_match_the_data(cfg, result, errors)
     return _finish(workspace, "ingest", key, {
         "cohort": c["name"], "n_cases": result.n_cases, "n_ok": result.n_ok, "n_quarantined": result.n_quarantined,
         "new": result.new, "changed": result.changed, "n_issues": result.n_issues,
         "outputs": [result.cases_path, result.issues_path]})
+
+
+def _labels_match_the_data(cfg: dict, result, errors: pd.DataFrame) -> None:
+    """No usable case because the config's labels are not the data's: a config error naming `labels`, not a
+    later "no ok cases" (a dataset.json's labels were compared before ingestion; this covers plain folders)."""
+    undeclared = errors[errors["code"] == "label_undeclared"]
+    if result.n_ok or undeclared.empty or not cfg.get("labels"):
+        return
+    from unet3d.config import ConfigError
+
+    example = undeclared.sort_values("case_id").iloc[0]
+    raise ConfigError(f"labels: no usable case in cohort {_cohort(cfg)!r}: {undeclared['case_id'].nunique()} of "
+                      f"{result.n_cases} cases hold label values that labels {sorted(int(k) for k in cfg['labels'])} "
+                      f"does not declare (e.g. {example['case_id']}: {example['message']})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,10 +203,29 @@ def model_dir(workspace: str, cfg: dict, stage: dict, preprocess: dict) -> Path:
     return Path(workspace) / "models" / _cohort(cfg) / f"{stage['name']}-{ident}"
 
 
-def run_train(workspace: str, cfg: dict, key: str, stage: dict, preprocess: dict, progress: bool = True) -> dict:
+def _set_aside(folder: Path) -> None:
+    """Remove a folder atomically: renamed aside first (so no reader ever sees half of it), then deleted."""
+    if not folder.exists():
+        return
+    aside = folder.with_name(f".{folder.name}.replaced-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Folders set aside by a refresh that was killed before it could delete them."""
+    for d in folder.parent.glob(f".{folder.name}.replaced-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_train(workspace: str, cfg: dict, key: str, stage: dict, preprocess: dict, progress: bool = True,
+              refresh: bool = False) -> dict:
+    """Train one stage (resuming its checkpoints). `refresh` (--refresh train): the stage's previous
+    checkpoints are removed first, so the model is really trained again from scratch."""
     from unet3d.train import TrainSpec, train
 
     cohort = _cohort(cfg)
+    marker = f"train-{stage['name']}"
     store = PreprocessedStore(workspace, cohort)
     plan_id = preprocess["plan_ids"][str(float(stage["spacing_factor"]))]
     cases = _stage_cases(workspace, cfg)
@@ -197,23 +235,35 @@ def run_train(workspace: str, cfg: dict, key: str, stage: dict, preprocess: dict
     val_ids = [c for c in cases.loc[cases["split"] == "val", "case_id"] if c in dirs]
     roi, train_cfg = _stage_settings(cfg, stage)
     out = model_dir(workspace, cfg, stage, preprocess)
-    out.mkdir(parents=True, exist_ok=True)
     classes = {int(k): v for k, v in stage["classes"].items()}
     merge = stage.get("merge") or {k: [int(k)] for k in stage["classes"]}
     label_map = {int(src): int(dst) for dst, srcs in merge.items() for src in srcs}
     spec = TrainSpec(out_dir=str(out), train_cases=[dirs[c] for c in train_ids], val_cases=[dirs[c] for c in val_ids],
                      classes=classes, label_map=label_map, train=train_cfg, stage=stage["name"], roi=roi,
                      overlap=cfg["infer"]["overlap"], spacing=store.load_plan(plan_id)["target_spacing"])
-    (out / "train_spec.json").write_text(spec.to_json())
-    log.info("stage %s: training on %d cases, validating on %d, in %s", stage["name"], len(train_ids), len(val_ids), out)
-    with FileLock(str(out / ".lock"), timeout=24 * 3600):  # two runs never write one model folder at once
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The lock sits beside the model folder (a refresh replaces the folder): two runs never write one model.
+    with FileLock(str(out.parent / f".{out.name}.lock"), timeout=24 * 3600):
+        _remove_leftovers(out)
+        if refresh:
+            drop_marker(workspace, marker, key)
+            if out.exists():
+                _set_aside(out)
+                log.info("stage %s: --refresh train: previous checkpoints in %s removed, training from scratch",
+                         stage["name"], out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_spec.json").write_text(spec.to_json())
+        log.info("stage %s: training on %d cases, validating on %d, in %s", stage["name"], len(train_ids),
+                 len(val_ids), out)
         result = train(spec, progress=progress)
     log.info("stage %s: %d epochs (%s), best val Dice %s at epoch %d, %.0f s%s", stage["name"], result.epochs,
              result.stopped_by, f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a",
              result.best_epoch, result.seconds,
              f" (resumed after epoch {result.resumed_from_epoch})" if result.resumed_from_epoch is not None else "")
-    return _finish(workspace, f"train-{stage['name']}", key, {
+    return _finish(workspace, marker, key, {
         "stage_name": stage["name"], "model_dir": str(out), "plan_id": plan_id, **result.to_dict(),
+        # the model's identity for everything downstream (a retrained model is a new run, a new stage-1 cache)
+        "checkpoint_sha256": file_digest(result.best_checkpoint),
         "outputs": [result.model_json, result.best_checkpoint]})
 
 
@@ -223,7 +273,9 @@ def run_train(workspace: str, cfg: dict, key: str, stage: dict, preprocess: dict
 def key_infer(workspace: str, cfg: dict, trains: list[dict], preprocess: dict) -> str:
     cases = _stage_cases(workspace, cfg)
     chosen = cases[cases["split"].isin(cfg["infer"]["splits"])][["case_id", "split", "image_sha256"]]
-    return stage_key("infer", [t["key"] for t in trains], config_part("infer", cfg["infer"]), preprocess["plan_ids"],
+    # the trained models by content too: `--refresh train` retrains under the same training key
+    models = [[t["key"], t.get("checkpoint_sha256")] for t in trains]
+    return stage_key("infer", models, config_part("infer", cfg["infer"]), preprocess["plan_ids"],
                      [s["margin_mm"] for s in stage_list(cfg)], chosen.astype(str).to_numpy().tolist())
 
 
@@ -232,10 +284,65 @@ def run_id_for(cfg: dict, infer_key: str) -> str:
 
 
 def run_record_path(workspace: str, run_id: str) -> Path:
+    """runs/RUN_ID.json; a run id is a plain name (`--model ../../outside_run` is refused, never read)."""
+    from unet3d.config import safe_name
+
+    safe_name(run_id, "run id", max_len=128)
     return Path(workspace) / "runs" / f"{run_id}.json"
 
 
-def run_infer(workspace: str, cfg: dict, key: str, trains: list[dict], preprocess: dict, progress: bool = True) -> dict:
+def workspace_relative(workspace: str, path: str | Path) -> str:
+    """A path inside the workspace as stored in run records: relative, so a moved or mounted-elsewhere
+    workspace still predicts."""
+    p, ws = Path(path).resolve(), Path(workspace).resolve()
+    return p.relative_to(ws).as_posix() if p.is_relative_to(ws) else str(path)
+
+
+def resolve_in_workspace(workspace: str, path: str, what: str = "path") -> Path:
+    """A path read from a run record, as a path inside this workspace. Relative (new records) or absolute
+    (records written before paths were stored relative; an absolute path of a workspace that has moved is
+    re-rooted at its `models/COHORT/STAGE-ID` tail). Anything that resolves outside the workspace is refused."""
+    ws = Path(workspace).resolve()
+    p = Path(path)
+    if not p.is_absolute():
+        p = ws / p
+    elif not p.resolve().is_relative_to(ws) and len(p.parts) >= 3 and p.parts[-3] == "models":
+        moved = ws.joinpath(*p.parts[-3:])  # WORKSPACE/models/COHORT/STAGE-ID
+        p = moved if moved.exists() else p
+    resolved = p.resolve()
+    if not resolved.is_relative_to(ws):
+        raise ValueError(f"{what} {path!r} is outside the workspace {ws}: refused")
+    return resolved
+
+
+def read_run_record(workspace: str, run_id: str) -> dict:
+    """A run record with every stage's model_dir resolved inside the workspace (old absolute records too)."""
+    path = run_record_path(workspace, run_id)
+    if not path.exists():
+        runs = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.exists() else []
+        raise ValueError(f"no run {run_id!r} in {Path(workspace) / 'runs'}" + (f"; runs: {', '.join(runs)}" if runs else ""))
+    record = json.loads(path.read_text())
+    for s in record.get("stages", []):
+        s["model_dir"] = str(resolve_in_workspace(workspace, s["model_dir"], f"run {run_id}: stage {s.get('name')} model_dir"))
+    return record
+
+
+def stage1_cache_dir(workspace: str, cfg: dict, trains: list[dict], plan1: dict) -> Path:
+    """Where stage 1's probabilities are cached, keyed by everything that changes them: the model (training
+    key and checkpoint content), its plan, the inference settings that change outputs (overlap, TTA) and
+    the inference code."""
+    model = trains[0]
+    ident = stable_hash({"train_key": model["key"], "checkpoint": file_digest(Path(model["model_dir"]) / "checkpoint_best.pt"),
+                         "plan": plan1["plan_id"], "infer": config_part("infer", {k: v for k, v in cfg["infer"].items()
+                                                                                   if k != "splits"}),
+                         "code": code_version("infer")}, 16)
+    return Path(workspace) / "cache" / "stage1" / ident
+
+
+def run_infer(workspace: str, cfg: dict, key: str, trains: list[dict], preprocess: dict, progress: bool = True,
+              refresh: bool = False) -> dict:
+    """Predict every chosen case (resuming: a case predicted before an interruption is kept). `refresh`
+    (--refresh infer): this run's predictions and the stage-1 cache are removed first and recomputed."""
     from tqdm.auto import tqdm
 
     from unet3d.inference import StageModel, cascade
@@ -250,14 +357,23 @@ def run_infer(workspace: str, cfg: dict, key: str, trains: list[dict], preproces
               for t, s in zip(trains, stages)]
     plans = [store.load_plan(preprocess["plan_ids"][str(float(s["spacing_factor"]))]) for s in stages]
     pred_root = Path(workspace) / "predictions" / run_id
-    cache_root = Path(workspace) / "cache" / "stage1" / trains[0]["key"][:16]
+    cache_root = stage1_cache_dir(workspace, cfg, trains, plans[0]) if len(stages) > 1 else None
+    if refresh:
+        drop_marker(workspace, "infer", key)
+        _set_aside(pred_root)
+        if cache_root is not None:
+            _set_aside(cache_root)
+        log.info("infer %s: --refresh infer: previous predictions and stage-1 cache removed", run_id)
     record = {"run_id": run_id, "cohort": cohort, "config": cfg, "created_at": datetime.now(timezone.utc).isoformat(),
-              "stages": [{"name": s["name"], "model_dir": t["model_dir"], "plan": p, "classes": s["classes"],
+              "stages": [{"name": s["name"], "model_dir": workspace_relative(workspace, t["model_dir"]), "plan": p,
+                          "classes": s["classes"],
                           "merge": s.get("merge"), "roi_from": s.get("roi_from"), "margin_mm": s["margin_mm"],
                           "train_key": t["key"]} for s, t, p in zip(stages, trains, plans)]}
     path = run_record_path(workspace, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, default=str))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    tmp.replace(path)
 
     cases = _stage_cases(workspace, cfg)
     chosen = cases[cases["split"].isin(cfg["infer"]["splits"])]
@@ -278,11 +394,11 @@ def run_infer(workspace: str, cfg: dict, key: str, trains: list[dict], preproces
         for p in plans:
             image, _label, props = store.load_case(p["plan_id"], case, mmap=False)
             inputs.append((image, props))
-        cache_file = cache_root / f"{case_dirname(case)}.npy"
-        cached = np.load(cache_file).astype(np.float32) if cache_file.exists() else None
+        cache_file = cache_root / f"{case_dirname(case)}.npy" if cache_root is not None else None
+        cached = np.load(cache_file).astype(np.float32) if cache_file is not None and cache_file.exists() else None
         out, probs1 = cascade(inputs, models, cfg["infer"]["overlap"], cfg["infer"]["tta"],
                               cfg["infer"].get("batch_size", 4), stage1_probs=cached)
-        if cached is None and len(models) > 1:
+        if cached is None and cache_file is not None:
             cache_root.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f".{cache_file.name}.tmp.npy")
             np.save(tmp, probs1.astype(np.float16))
@@ -378,7 +494,7 @@ def run_report(workspace: str, cfg: dict, key: str, evaluate: dict) -> dict:
     reports = Path(workspace) / "reports"
     summary_path = write_partition(summary, reports / "summary", run_date, run_id, SUMMARY_SCHEMA)
 
-    record = json.loads(run_record_path(workspace, run_id).read_text())
+    record = read_run_record(workspace, run_id)
     catalog = Catalog(workspace)
     cases = catalog.cases(cohort=_cohort(cfg)).set_index("case_id")
     pred_root = Path(workspace) / "predictions" / run_id

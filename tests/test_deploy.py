@@ -219,7 +219,7 @@ def test_env_example_documents_every_compose_variable_and_holds_no_secret():
     documented = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                       if line and not line.startswith("#"))
     assert used <= set(documented), f"not in .env.example: {used - set(documented)}"
-    assert documented["POSTGRES_PASSWORD"] == "change-me"
+    assert documented["POSTGRES_PASSWORD"] == ""  # no usable default: compose refuses to start until one is set
     assert not (DEPLOY / ".env").exists() or ".env" in (REPO / ".gitignore").read_text(), \
         "deploy/.env exists and is not git-ignored"
 

@@ -6,6 +6,7 @@ silently training for the default 50 epochs.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def safe_name(value: object, what: str = "name", max_len: int = 64) -> str:
+    """The one check for every name that becomes a folder or file name (cohort, stage, run id): ASCII
+    letters, digits, '.', '_' or '-', starting with a letter or digit, at most `max_len` characters. Such a
+    name cannot leave its folder ('..', '/'), hide ('.x'), look like an option ('-x'), or differ between
+    file systems (spaces, non-ASCII)."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or len(value) > max_len:
+        raise ValueError(f"{what} must be 1-{max_len} ASCII letters, digits, '.', '_' or '-', starting with a "
+                         f"letter or digit (it becomes a folder name), got {value!r}")
+    return value
 
 
 class _Section(BaseModel):
@@ -30,9 +45,7 @@ class CohortConfig(_Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_path_component(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("cohort name must be a non-empty folder-safe name")
-        return v
+        return safe_name(v, "cohort name")
 
 
 class PreprocessConfig(_Section):
@@ -60,8 +73,10 @@ class SplitConfig(_Section):
     @field_validator("ratios")
     @classmethod
     def _ratios(cls, v):
-        if len(v) != 3 or any(r < 0 for r in v) or abs(sum(v) - 1) > 1e-6:
+        if len(v) != 3 or any(not r >= 0 for r in v) or abs(sum(v) - 1) > 1e-6:
             raise ValueError("ratios must be three non-negative numbers (train, val, test) summing to 1")
+        if v[0] <= 0:
+            raise ValueError("ratios: the train share must be positive")
         return v
 
 
@@ -79,8 +94,17 @@ class StageConfig(_Section):
     max_epochs: int | None = Field(None, ge=1)  # overrides train.max_epochs for this stage
     time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: a share of the cascade's budget
 
+    @field_validator("name")
+    @classmethod
+    def _stage_name_is_a_path_component(cls, v: str) -> str:
+        return safe_name(v, "stage name")
+
     @model_validator(mode="after")
     def _merge_covers_classes(self):
+        if not self.classes:
+            raise ValueError(f"stage {self.name}: classes must list at least one class")
+        if self.merge is not None and any(not srcs for srcs in self.merge.values()):
+            raise ValueError(f"stage {self.name}: every merge entry must list at least one label value")
         if 0 in self.classes:
             raise ValueError(f"stage {self.name}: class 0 is background and must not be listed in classes")
         if self.merge is not None:
@@ -153,7 +177,14 @@ class InferConfig(_Section):
     overlap: float = Field(0.5, ge=0, lt=1)
     tta: bool = True  # mirroring test-time augmentation (nnU-Net's default): +0.5-1 Dice point on hippocampus
     batch_size: int = Field(4, ge=1)
-    splits: list[Literal["train", "val", "test"]] = ["val", "test"]
+    splits: list[Literal["train", "val", "test"]] = Field(["val", "test"], min_length=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _unique_splits(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"splits must not repeat a split, got {v}")
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -170,6 +201,17 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _splits_have_cases(self):
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels: must declare at least one label value (or leave the section out)")
+        ratios = dict(zip(("train", "val", "test"), self.split.ratios))
+        empty = [s for s in self.infer.splits if ratios[s] <= 0]
+        if empty:
+            raise ValueError(f"infer.splits: {', '.join(empty)} would be empty: split.ratios gives "
+                             f"{' and '.join(empty)} a share of 0 (ratios are train, val, test)")
+        return self
 
     @model_validator(mode="after")
     def _stages_consistent(self):
@@ -209,11 +251,12 @@ class PipelineConfig(_Section):
 def _format_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         else:
-            parts.append(f"{loc}: {err['msg']}")
+            parts.append(f"{loc}: {msg}" if loc else msg)  # a cross-field error names its keys itself
     return "; ".join(parts)
 
 
@@ -241,12 +284,48 @@ def _resolve(path: str, base_dir: str | Path | None) -> str:
     return str(alt.resolve() if alt.exists() else p.resolve())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently,
+    so a repeated `train:` would replace a whole section)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _value in node.value:  # the keys written in this mapping (`<<` merges may be overridden)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hashable = key in seen
+                except TypeError:
+                    continue  # an unhashable key: the base constructor reports it
+                if hashable:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{path}: not valid YAML: {problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+
+
+def load_yaml(text: str, path: str | Path = "<config>"):
+    """Safe YAML with duplicate keys refused (ConfigError, one line naming the key and its lines)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(Path(path), exc)) from None
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = load_yaml(path.read_text(), path)
     return parse_config(data or {}, base_dir=path.parent)
