@@ -192,3 +192,38 @@ def test_stage_settings_give_each_cascade_stage_its_share(tmp_path):
                         "train": {"time_limit_min": 8}}).model_dump(mode="json")
     budgets = [_stage_settings(cfg, s)[1]["time_limit_min"] for s in stage_list(cfg)]
     assert budgets[0] < 8 < budgets[1] and sum(budgets) == pytest.approx(16)
+
+
+def test_warping_a_context_padded_patch_leaves_no_zero_corners():
+    """Issue 9: augmentation samples a larger region and crops after the warp (as nnU-Net does), so a rotated
+    patch inside a large volume carries image in its corners, not the zeros a warp of the bare patch brings in."""
+    from unet3d.augment import AugmentConfig, BatchAugmenter
+
+    patch = [24, 32, 20]
+    config = AugmentConfig(p_flip=0.0, p_rotate=1.0, max_rotation_deg=15.0, p_scale=1.0, scale_range=(0.85, 1.2),
+                           p_elastic=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0, p_contrast=0.0, p_lowres=0.0,
+                           p_gamma=0.0)
+    augmenter = BatchAugmenter(config)
+    big = [p + 2 * c for p, c in zip(patch, augmenter.context(patch))]
+    gen = torch.Generator().manual_seed(3)  # 16 samples: angles and zooms across their ranges
+    bare, _ = augmenter(torch.ones(16, 1, *patch), torch.zeros(16, 1, *patch, dtype=torch.uint8), gen)
+    assert (bare == 0).any()  # the warp of the bare patch brings zeros into the corners
+    padded, _ = augmenter(torch.ones(16, 1, *big), torch.zeros(16, 1, *big, dtype=torch.uint8), gen)
+    assert (center_crop(padded, patch) > 0.99).all()
+
+
+def test_context_padding_does_not_move_the_patches(tmp_path):
+    """The crop of a context-padded patch is exactly the patch drawn without context: the volume's border
+    voxels stay reachable and foreground stays where oversampling put it (the padding only adds surround)."""
+    from tests.test_train import make_store_case
+    from unet3d.sampling import PatchSampler, load_case
+
+    cases = [load_case(make_store_case(tmp_path, f"c{i}", shape=(30, 28, 20), seed=i), {1: 1, 2: 2}) for i in range(3)]
+    plain = PatchSampler(cases, (16, 12, 8), 6, CPU, foreground_oversample=0.5)
+    padded = PatchSampler(cases, (16, 12, 8), 6, CPU, foreground_oversample=0.5, context=(3, 2, 4))
+    for seed in range(5):
+        image, label = plain.sample(np.random.default_rng(seed))
+        big_image, big_label = padded.sample(np.random.default_rng(seed))
+        assert tuple(big_image.shape[2:]) == (22, 16, 16)
+        assert torch.equal(center_crop(big_image, (16, 12, 8)), image)
+        assert torch.equal(center_crop(big_label, (16, 12, 8)), label)

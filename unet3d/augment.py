@@ -267,6 +267,28 @@ class BatchAugmenter:
         self.fine_axes = tuple(a for a in range(3) if not (in_plane and a == self.thick_axis))
         self.rotation_axes = (self.thick_axis,) if in_plane else (0, 1, 2)
 
+    def context(self, patch: Sequence[int]) -> list[int]:
+        """Voxels to add on each side of a patch so that no spatial transform this augmenter can draw samples
+        from outside the padded patch when the result is cropped back to `patch` (nnU-Net's larger-patch-then-
+        crop). The worst case over rotation angles (a grid over [-max, max] per allowed axis), the strongest
+        zoom-out and the elastic displacement."""
+        cfg = self.config
+        if cfg.p_rotate == 0 and cfg.p_scale == 0 and cfg.p_elastic == 0:
+            return [0, 0, 0]
+        half = torch.tensor([(p - 1) / 2 for p in patch], dtype=torch.float64)
+        corners = torch.tensor([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)],
+                               dtype=torch.float64) * half
+        max_angle = math.radians(cfg.max_rotation_deg) if cfg.p_rotate > 0 else 0.0
+        steps = torch.linspace(-max_angle, max_angle, 7, dtype=torch.float64)
+        grids = [steps if axis in self.rotation_axes else torch.zeros(1, dtype=torch.float64) for axis in range(3)]
+        angles = torch.cartesian_prod(*grids).reshape(-1, 3)
+        reach = (rotation_matrices(angles) @ corners.T).abs().amax(dim=(0, 2))  # (3,) furthest sampled offset
+        zoom_out = 1.0 / min(cfg.scale_range[0], 1.0) if cfg.p_scale > 0 else 1.0
+        reach = reach * torch.tensor([zoom_out if axis in self.fine_axes else 1.0 for axis in range(3)],
+                                     dtype=torch.float64)
+        elastic = cfg.elastic_alpha_vox if cfg.p_elastic > 0 else 0.0
+        return [max(0, int(math.ceil(float(r) + elastic - h)) + 1) for r, h in zip(reach, half)]
+
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """image (B, C, X, Y, Z) float, label (B, 1, X, Y, Z) integer -> augmented (same shapes, dtypes, device).
 

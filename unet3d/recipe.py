@@ -244,6 +244,7 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
     from .augment import PRESETS, AugmentConfig, BatchAugmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .models import build_network
+    from .sampling import center_crop
     from .train import autocast, network_topology
 
     strides, kernels = network_topology(patch, spacing, len(features), stem_stride)
@@ -253,14 +254,17 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
     loss_fn = DeepSupervisionLoss(DiceCELoss())
     augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **PRESETS[augment]))
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, in_channels, *patch, device=device)
-    y = torch.randint(0, num_classes, (batch, 1, *patch), device=device, dtype=torch.uint8)
+    context = augmenter.context(patch) if augmenter is not None else [0, 0, 0]
+    padded = [p + 2 * c for p, c in zip(patch, context)]  # what the sampler cuts: warped, then cropped
+    x = torch.randn(batch, in_channels, *padded, device=device)
+    y = torch.randint(0, num_classes, (batch, 1, *padded), device=device, dtype=torch.uint8)
     times = []
     for i in range(iterations + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         img, lab = (augmenter(x, y, gen) if augmenter is not None else (x, y))
+        img, lab = center_crop(img, patch), center_crop(lab, patch)
         with autocast(device):
             out = net(img)
         loss = loss_fn([o.float() for o in out], lab.long())

@@ -120,11 +120,16 @@ class PatchSampler:
     """
 
     def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int, device: torch.device,
-                 foreground_oversample: float = 0.33, roi_jitter_mm: float = 0.0, keep_on_device: bool = False):
+                 foreground_oversample: float = 0.33, roi_jitter_mm: float = 0.0, keep_on_device: bool = False,
+                 context: Sequence[int] = (0, 0, 0)):
         self.cases = [c for c in cases if c.label is not None]
         if not self.cases:
             raise ValueError("no labelled training case")
-        self.patch = tuple(int(p) for p in patch_size)
+        # Patches are placed as `patch_size` patches (so every voxel can be a patch's border, and foreground
+        # sits where it would without context), then cut `context` voxels larger on each side for the warp.
+        self.placed = tuple(int(p) for p in patch_size)
+        self.context = tuple(int(c) for c in context)
+        self.patch = tuple(p + 2 * c for p, c in zip(self.placed, self.context))
         self.batch_size = batch_size
         self.device = device
         self.foreground_oversample = foreground_oversample
@@ -154,12 +159,13 @@ class PatchSampler:
     def _corner(self, case: CaseData, region, rng: np.random.Generator, foreground: bool) -> list[int]:
         """Lower corner of the patch (may be negative or past the region: padding)."""
         lows, highs = [], []
-        for (a, b), p in zip(region, self.patch):
+        for (a, b), p in zip(region, self.placed):
             size = b - a
             # region larger than patch: stay inside; smaller: the region sits anywhere inside the patch
             lo, hi = (a, b - p) if size >= p else (b - p, a)
             lows.append(lo)
             highs.append(hi)
+        corner = None
         if foreground and case.foreground:
             classes = sorted(case.foreground)
             coords = case.foreground[classes[rng.integers(len(classes))]]
@@ -167,8 +173,10 @@ class PatchSampler:
             coords = coords[inside]
             if len(coords):
                 centre = coords[rng.integers(len(coords))]
-                return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch, lows, highs)]
-        return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+                corner = [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.placed, lows, highs)]
+        if corner is None:
+            corner = [int(rng.integers(lo, hi + 1)) for lo, hi in zip(lows, highs)]
+        return [c - m for c, m in zip(corner, self.context)]
 
     def _cut(self, index: int, region, corner) -> tuple:
         """Copy the patch at `corner`, zero outside `region`."""

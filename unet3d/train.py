@@ -46,8 +46,6 @@ from .sliding_window import sliding_window_predict
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-# Spatial augmentation sees this much more of the volume on each side of the patch (then crops the centre).
-CONTEXT_FRACTION = 0.125
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,16 +325,15 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     # --- the recipe: every key the config leaves open, planned (and timed) on this device ----------------
     recipe, reused = resolve_recipe(spec, cfg, patch, spacing, len(val_cases), device, out, rank, world)
     augment = recipe.augment
+    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
     # Spatial augmentation warps a larger region and crops its centre afterwards, so that rotated or zoomed
     # patches carry real image in their corners instead of zeros (as nnU-Net does).
-    spatial = augment != "none" and (AUGMENT_PRESETS[augment].get("p_rotate", 1) > 0 or
-                                     AUGMENT_PRESETS[augment].get("p_scale", 1) > 0)
-    context = [int(math.ceil(p * CONTEXT_FRACTION)) if spatial else 0 for p in patch]
+    context = augmenter.context(patch) if augmenter is not None else [0, 0, 0]
     data_bytes = sum(c.nbytes() for c in train_cases)
     keep_on_device = device.type == "cuda" and data_bytes < 0.3 * torch.cuda.mem_get_info(device)[0]
-    sampler = PatchSampler(train_cases, [p + 2 * c for p, c in zip(patch, context)], recipe.batch_size, device,
-                           foreground_oversample=cfg.foreground_oversample,
-                           roi_jitter_mm=cfg.roi_jitter_mm if spec.roi else 0.0, keep_on_device=keep_on_device)
+    sampler = PatchSampler(train_cases, patch, recipe.batch_size, device, foreground_oversample=cfg.foreground_oversample,
+                           roi_jitter_mm=cfg.roi_jitter_mm if spec.roi else 0.0, keep_on_device=keep_on_device,
+                           context=context)
     log.info("stage %s: %d training and %d validation cases loaded in %.1f s; patch %s at %s mm; device %s%s",
              spec.stage, len(train_cases), len(val_cases), t_load, patch,
              [round(s, 3) for s in spacing], device, " (training set on the device)" if keep_on_device else "")
@@ -375,7 +372,6 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     base_loss = DiceCELoss(ignore_index=IGNORE_INDEX)
     criterion = DeepSupervisionLoss(base_loss) if cfg.deep_supervision else base_loss
-    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
 
     max_epochs = recipe.max_epochs
     iters = recipe.iterations_per_epoch
