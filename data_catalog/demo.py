@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from unet3d.io import process_alive
+
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump whenever the phantom or the file encoding changes, so that cached cohorts regenerate
@@ -544,17 +546,10 @@ def _remove_stale_partials(directory: Path) -> None:
             pid = int(stale.name.rsplit(".", 2)[-2])
         except (ValueError, IndexError):
             continue
-        if pid != os.getpid() and not _process_alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             stale.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -308,7 +308,7 @@ def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Pat
             continue
         host, pid = match.group("host"), match.group("pid")
         if host == _HOST and pid is not None:
-            stale = int(pid) != os.getpid() and not _process_alive(int(pid))
+            stale = int(pid) != os.getpid() and not process_alive(int(pid))
         else:
             try:
                 stale = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
@@ -321,7 +321,8 @@ def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Pat
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one we may not signal still counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -198,24 +198,12 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
                               f"({'>=' if augment == 'full' else '<'} {FULL_AUGMENT_MIN_ITERATIONS}, where heavy "
                               "augmentation starts to pay off)")
 
-    if cfg.iterations_per_epoch is not None:
-        iterations_per_epoch = cfg.iterations_per_epoch
-        reasons["iterations_per_epoch"] = "set in the config"
-    elif budget_s is not None:
-        iterations_per_epoch = int(np.clip(round(budget_s / EPOCHS_PER_BUDGET / t_iter), 10, 250))
-        reasons["iterations_per_epoch"] = f"epochs of about 1/{EPOCHS_PER_BUDGET} of the time budget"
-    else:
-        iterations_per_epoch = DEFAULT_ITERATIONS
-        reasons["iterations_per_epoch"] = "no time budget: the default"
-    if cfg.max_epochs is not None:
-        max_epochs = cfg.max_epochs
-        reasons["max_epochs"] = "set in the config"
-    elif budget_s is not None:
-        max_epochs = 100_000
-        reasons["max_epochs"] = "unbounded: the time budget ends the run"
-    else:
-        max_epochs = DEFAULT_EPOCHS
-        reasons["max_epochs"] = "no time budget: the default"
+    budgeted = budget_s is not None
+    iterations_per_epoch = _pick(reasons, "iterations_per_epoch", cfg.iterations_per_epoch, budgeted,
+                                 lambda: int(np.clip(round(budget_s / EPOCHS_PER_BUDGET / t_iter), 10, 250)),
+                                 f"epochs of about 1/{EPOCHS_PER_BUDGET} of the time budget", DEFAULT_ITERATIONS)
+    max_epochs = _pick(reasons, "max_epochs", cfg.max_epochs, budgeted, lambda: 100_000,
+                       "unbounded: the time budget ends the run", DEFAULT_EPOCHS)
     if cfg.val_every is not None:
         val_every = cfg.val_every
         reasons["val_every"] = "set in the config"
@@ -234,6 +222,19 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
                     iterations_per_epoch=iterations_per_epoch, max_epochs=max_epochs, val_every=val_every,
                     augment=augment, seconds_per_iteration=t_iter, calibration=calibration, reasons=reasons)
     return recipe
+
+
+def _pick(reasons: dict[str, str], key: str, explicit, budgeted: bool, planned, planned_reason: str, default):
+    """A recipe value: the config's if set; else planned from the budget (`planned()`), or the default when the
+    run has no time budget. The reason goes into `reasons[key]`."""
+    if explicit is not None:
+        reasons[key] = "set in the config"
+        return explicit
+    if budgeted:
+        reasons[key] = planned_reason
+        return planned()
+    reasons[key] = "no time budget: the default"
+    return default
 
 
 def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch: Sequence[int],
