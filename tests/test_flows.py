@@ -85,19 +85,20 @@ def test_rerun_after_a_failure_in_training_resumes_from_the_checkpoint(pipeline,
 
     ws = tmp_path / "ws"
     config = write_config(tmp_path / "c.yaml", tiny_cohort, train={"max_epochs": 3})
-    real_validate = train_module.validate
+    # The failure is injected into the per-epoch validation prediction (the trainer's predict_cases).
+    real_predict = train_module.predict_cases
     calls = {"n": 0}
 
-    def failing_validate(*args, **kwargs):
+    def failing_predict(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:  # the second epoch of the first stage dies
             raise RuntimeError("injected failure during training")
-        return real_validate(*args, **kwargs)
+        return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "validate", failing_validate)
+    monkeypatch.setattr(train_module, "predict_cases", failing_predict)
     with pytest.raises(RuntimeError, match="injected failure"):
         pipeline(config_path=str(config), workspace=str(ws))
-    monkeypatch.setattr(train_module, "validate", real_validate)
+    monkeypatch.setattr(train_module, "predict_cases", real_predict)
 
     rerun = pipeline(config_path=str(config), workspace=str(ws))
     flags = _cached(rerun)
