@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     ensure_environment()
-    env = dict(os.environ)
+    # UTF-8 mode: the CLI prints non-ASCII (progress bars, arrows) and tests decode it, whatever the locale
+    env = dict(os.environ, PYTHONUTF8="1")
     if argv[0] == "demo":
         cmd = [str(BIN / "unet3d"), "demo", *argv[1:]]
     else:
