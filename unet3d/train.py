@@ -40,6 +40,7 @@ from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
 from .models import build_network, count_parameters, plan_topology
 from .postprocess import choose_postprocessing
+from .recipe import Recipe, cuda_patch_voxels, plan_recipe
 from .sampling import IGNORE_INDEX, CaseData, PatchSampler, center_crop, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
@@ -267,11 +268,7 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
             dist.barrier()
             return recipe, reused
         dist.barrier()
-        from .recipe import Recipe
-
         return Recipe.from_dict(json.loads((out / "recipe.json").read_text())["recipe"]), True
-    from .recipe import Recipe, plan_recipe
-
     path = out / "recipe.json"
     if path.exists():
         try:
@@ -314,8 +311,6 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         raise ValueError(f"stage {spec.stage}: no labelled training case" +
                          (" with a non-empty ROI" if spec.roi else ""))
     spacing = list(spec.spacing or train_cases[0].spacing)
-    from .recipe import cuda_patch_voxels
-
     patch = list(spec.patch_size or cfg.patch_size or
                  plan_patch_size([c.region_shape() for c in train_cases], spacing,
                                  cuda_patch_voxels(device, cfg.max_patch_voxels)))
@@ -384,6 +379,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     log_path, curve_path, model_json = out / "train_log.parquet", out / "learning_curve.png", out / "model.json"
     identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity()}, sort_keys=True))
     start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
+    best_preds: list[np.ndarray] | None = None  # validation predictions of the best epoch, in this process
     if latest_path.exists():
         state = torch.load(latest_path, map_location=device, weights_only=True)
         if state.get("identity") == json.dumps(identity, sort_keys=True) and state.get("version") == CHECKPOINT_VERSION:
@@ -466,6 +462,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             row["val_volume_ratio"] = volume_ratio(preds, val_cases)
             if row["val_dice_mean"] > best_dice:
                 best_dice, best_epoch, improved = row["val_dice_mean"], epoch, True
+                best_preds = preds  # the post-processing choice below needs exactly these
         elif is_main and not val_cases:
             improved, best_epoch = True, epoch  # nothing to validate on: the latest is the best we know
         elapsed += time.perf_counter() - t_epoch
@@ -502,9 +499,10 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         # Post-processing learned on validation (nnU-Net's rule): keep the largest connected component of a
         # class only where that raises the validation Dice of the best checkpoint.
         if val_cases and cfg.postprocess != "none" and best_path.exists():
-            best_state = torch.load(best_path, map_location=device, weights_only=True)
-            model.load_state_dict(best_state["model"])
-            preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
+            preds = best_preds
+            if preds is None:  # the best epoch was validated in an earlier process: predict with its weights
+                model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+                preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
             choice = choose_postprocessing(preds, [c.label for c in val_cases], range(1, num_classes),
                                            force=cfg.postprocess == "largest_component")
             model_meta["postprocess"] = choice
