@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect.filesystems import LocalFileSystem
 from prefect.serializers import Serializer
 from pydantic import Field
+
+from unet3d.io import atomic_path
 
 log = logging.getLogger("flows.results")
 
@@ -107,12 +107,8 @@ class WorkspaceResults(LocalFileSystem):
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not target.is_file():
             raise ValueError(f"result path {target} exists and is not a file")
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_path(target) as tmp:
             tmp.write_bytes(content)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
         return str(target)
 
     async def awrite_path(self, path: str, content: bytes) -> str:
