@@ -1,0 +1,130 @@
+"""Every path of a workspace, decided in one place (the README's "Workspace" section, in code).
+
+    WORKSPACE/
+      catalog/cases.parquet, issues.parquet, splits.parquet
+      preprocessed/COHORT/{plans/, fingerprints/, PLAN_ID/CASE__KEY/}
+      models/COHORT/STAGE-ID/                    (the files inside: unet3d.train.ModelFiles)
+      predictions/RUN_ID/STAGE/CASE_ID.nii.gz
+      cache/stage1/IDENT/CASE__KEY.npy           stage-1 probabilities of a cascade
+      reports/metrics|lesions|summary/run_date=.../run_id=.../part-0.parquet
+      reports/runs/RUN_ID/report.md
+      runs/RUN_ID.json
+      .prefect/results/, .stages/STAGE/KEY.json  cached stage results and completion markers
+      demo/                                      `unet3d demo`'s cohort and config
+
+Every name that becomes a folder or file name (cohort, stage, run id) passes `safe_name` here, so no path
+built through this module can leave the workspace. Paths stored in run records are relative to the
+workspace (`relative`) and read back through `resolve`, which refuses anything outside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from unet3d.config import safe_name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # -- catalog -------------------------------------------------------------------------------------------
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / "catalog"
+
+    def catalog_table(self, which: str) -> Path:
+        """catalog/{cases,issues,splits}.parquet"""
+        if which not in ("cases", "issues", "splits"):
+            raise KeyError(f"unknown catalog table {which!r}; known: cases, issues, splits")
+        return self.catalog_dir / f"{which}.parquet"
+
+    # -- preprocessed store --------------------------------------------------------------------------------
+    def preprocessed_dir(self, cohort: str) -> Path:
+        return self.root / "preprocessed" / safe_name(cohort, "cohort name")
+
+    def plans_dir(self, cohort: str) -> Path:
+        return self.preprocessed_dir(cohort) / "plans"
+
+    def fingerprints_dir(self, cohort: str) -> Path:
+        return self.preprocessed_dir(cohort) / "fingerprints"
+
+    def plan_dir(self, cohort: str, plan_id: str) -> Path:
+        return self.preprocessed_dir(cohort) / safe_name(plan_id, "plan id")
+
+    # -- models --------------------------------------------------------------------------------------------
+    def model_dir(self, cohort: str, stage: str, identity: str) -> Path:
+        """models/COHORT/STAGE-IDENTITY: one folder per (data, stage, model config), not per budget."""
+        return self.root / "models" / safe_name(cohort, "cohort name") / f"{safe_name(stage, 'stage name')}-{identity}"
+
+    # -- predictions and the stage-1 cache -----------------------------------------------------------------
+    def predictions_dir(self, run_id: str) -> Path:
+        return self.root / "predictions" / safe_name(run_id, "run id", max_len=128)
+
+    def prediction_path(self, run_id: str, stage: str, case_id: str) -> Path:
+        return self.predictions_dir(run_id) / safe_name(stage, "stage name") / f"{case_id}.nii.gz"
+
+    def stage1_cache_dir(self, identity: str) -> Path:
+        return self.root / "cache" / "stage1" / identity
+
+    # -- reports -------------------------------------------------------------------------------------------
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def report_table(self, which: str) -> Path:
+        """reports/{metrics,lesions,summary}: partitioned Parquet datasets (run_date=/run_id=)."""
+        if which not in ("metrics", "lesions", "summary"):
+            raise KeyError(f"unknown report table {which!r}; known: metrics, lesions, summary")
+        return self.reports_dir / which
+
+    def run_report_dir(self, run_id: str) -> Path:
+        return self.reports_dir / "runs" / safe_name(run_id, "run id", max_len=128)
+
+    # -- run records ---------------------------------------------------------------------------------------
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_record(self, run_id: str) -> Path:
+        """runs/RUN_ID.json; a run id is a plain name (`--model ../../outside_run` is refused, never read)."""
+        return self.runs_dir / f"{safe_name(run_id, 'run id', max_len=128)}.json"
+
+    # -- stage cache ---------------------------------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        return self.root / ".prefect" / "results"
+
+    def marker(self, stage: str, key: str) -> Path:
+        return self.root / ".stages" / stage / f"{key}.json"
+
+    # -- demo ----------------------------------------------------------------------------------------------
+    @property
+    def demo_dir(self) -> Path:
+        return self.root / "demo"
+
+    # -- paths stored in records ---------------------------------------------------------------------------
+    def relative(self, path: str | Path) -> str:
+        """A path inside the workspace as stored in run records: relative, so a moved or mounted-elsewhere
+        workspace still predicts."""
+        p, ws = Path(path).resolve(), self.root.resolve()
+        return p.relative_to(ws).as_posix() if p.is_relative_to(ws) else str(path)
+
+    def resolve(self, path: str | Path, what: str = "path") -> Path:
+        """A path read from a run record, as a path inside this workspace. Relative (new records) or absolute
+        (records written before paths were stored relative; an absolute path of a workspace that has moved
+        is re-rooted at its `models/COHORT/STAGE-ID` tail). Anything resolving outside is refused."""
+        ws = self.root.resolve()
+        p = Path(path)
+        if not p.is_absolute():
+            p = ws / p
+        elif not p.resolve().is_relative_to(ws) and len(p.parts) >= 3 and p.parts[-3] == "models":
+            moved = ws.joinpath(*p.parts[-3:])  # WORKSPACE/models/COHORT/STAGE-ID
+            p = moved if moved.exists() else p
+        resolved = p.resolve()
+        if not resolved.is_relative_to(ws):
+            raise ValueError(f"{what} {str(path)!r} is outside the workspace {ws}: refused")
+        return resolved
