@@ -431,7 +431,7 @@ def run_evaluate(workspace: str, cfg: dict, key: str, infer: dict, progress: boo
     from unet3d.io import read_image, to_numpy
     from unet3d.metrics import case_metrics, lesion_metrics
     from unet3d.report import LESIONS_SCHEMA, METRICS_SCHEMA, write_partition
-    from unet3d.sampling import map_labels
+    from unet3d.labels import map_labels
 
     cohort = _cohort(cfg)
     run_id = infer["run_id"]

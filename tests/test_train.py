@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet3d.sampling import PatchSampler, load_case, map_labels, plan_patch_size
+from unet3d.labels import map_labels
+from unet3d.sampling import PatchSampler, load_case, plan_patch_size
 from unet3d.train import TrainSpec, train
 
 REPO = Path(__file__).resolve().parent.parent

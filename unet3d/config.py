@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .labels import label_map_from_merge
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
@@ -118,8 +120,7 @@ class StageConfig(_Section):
 
     def label_map(self) -> dict[int, int]:
         """source label value -> stage class index."""
-        merge = self.merge or {k: [k] for k in self.classes}
-        return {src: dst for dst, srcs in merge.items() for src in srcs}
+        return label_map_from_merge(self.classes, self.merge)
 
 
 class TrainConfig(_Section):

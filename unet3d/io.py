@@ -292,6 +292,36 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write bytes through atomic_path: readers see the old file or the whole new one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text through atomic_path (the encoding is fixed so the file does not depend on the locale)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj, **json_kwargs) -> Path:
+    """`json.dumps(obj, **json_kwargs)` written through atomic_path."""
+    import json
+
+    return write_text_atomic(path, json.dumps(obj, **json_kwargs))
+
+
+def save_torch_atomic(obj, path: str | Path) -> Path:
+    """`torch.save(obj)` through atomic_path (torch is imported here so image I/O does not need it)."""
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
 def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Path]:
     """Remove the temporary files of `path` that atomic_path left behind when its writer was killed."""
     path = Path(path)

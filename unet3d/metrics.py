@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-IGNORE_LABEL = 255
+from .labels import IGNORE_LABEL
 
 #: Metrics that `summarize` aggregates, in output order.
 SUMMARY_METRICS: tuple[str, ...] = ("precision", "recall", "specificity", "dice", "iou", "hd95_mm", "assd_mm")

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from .labels import IGNORE_LABEL, map_labels
+
 MAX_FOREGROUND_COORDS = 20_000  # per class and case: enough to sample centres from, small in memory
 
 
@@ -42,16 +43,6 @@ class CaseData:
 
     def nbytes(self) -> int:
         return int(self.image.nbytes + (self.label.nbytes if self.label is not None else 0))
-
-
-def map_labels(label: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
-    """Source label values -> stage classes through a lookup table; unmapped values become background, the
-    ignore value stays ignore."""
-    lut = np.zeros(max(256, int(label.max(initial=0)) + 1), dtype=np.uint8)
-    for src, dst in label_map.items():
-        lut[int(src)] = int(dst)
-    lut[IGNORE_INDEX] = IGNORE_INDEX
-    return lut[label]
 
 
 def roi_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[list[int]] | None:
@@ -87,7 +78,7 @@ def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict 
     if label is not None:
         rng = np.random.default_rng(seed)
         for c in np.unique(label):
-            if c == 0 or c == IGNORE_INDEX:
+            if c == 0 or c == IGNORE_LABEL:
                 continue
             coords = np.argwhere(label == c).astype(np.int32)
             if len(coords) > MAX_FOREGROUND_COORDS:

@@ -35,13 +35,14 @@ from torch import nn
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
 from .config import TrainConfig
-from .io import atomic_path
+from .io import atomic_path, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
 from .models import build_network, count_parameters, plan_topology
 from .postprocess import choose_postprocessing
 from .recipe import Recipe, cuda_patch_voxels, plan_recipe
-from .sampling import IGNORE_INDEX, CaseData, PatchSampler, center_crop, load_case, plan_patch_size
+from .labels import IGNORE_LABEL
+from .sampling import CaseData, PatchSampler, center_crop, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -149,16 +150,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
               "python": list(random.getstate()[1])}
@@ -215,8 +206,8 @@ def mean_dice(preds: Sequence[np.ndarray], cases: Sequence[CaseData], num_classe
 
 def volume_ratio(preds: Sequence[np.ndarray], cases: Sequence[CaseData]) -> float:
     """Predicted / reference foreground volume over the cases (> 1: over-segmentation)."""
-    pred = sum(int(((p > 0) & (np.asarray(c.label) != IGNORE_INDEX)).sum()) for p, c in zip(preds, cases))
-    ref = sum(int(((np.asarray(c.label) > 0) & (np.asarray(c.label) != IGNORE_INDEX)).sum()) for c in cases)
+    pred = sum(int(((p > 0) & (np.asarray(c.label) != IGNORE_LABEL)).sum()) for p, c in zip(preds, cases))
+    ref = sum(int(((np.asarray(c.label) > 0) & (np.asarray(c.label) != IGNORE_LABEL)).sum()) for c in cases)
     return pred / ref if ref else float("nan")
 
 
@@ -279,7 +270,7 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
             log.warning("stage %s: %s is unreadable; planning the recipe again", spec.stage, path)
     recipe = plan_recipe(cfg, patch=patch, spacing=spacing, num_classes=spec.num_classes, in_channels=1,
                          n_val_cases=n_val_cases, device=device)
-    atomic_write_text(path, json.dumps({"planned_for": spec.recipe_identity(), "recipe": recipe.to_dict()}, indent=1))
+    write_json_atomic(path, {"planned_for": spec.recipe_identity(), "recipe": recipe.to_dict()}, indent=1)
     return recipe, False
 
 
@@ -365,7 +356,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     # bf16 needs no loss scaling; a scaler is kept (disabled) so checkpoints have one format on every device
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    base_loss = DiceCELoss(ignore_index=IGNORE_INDEX)
+    base_loss = DiceCELoss(ignore_index=IGNORE_LABEL)
     criterion = DeepSupervisionLoss(base_loss) if cfg.deep_supervision else base_loss
 
     max_epochs = recipe.max_epochs
@@ -398,7 +389,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
                   "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
                   "parameters": n_params, "recipe": recipe.to_dict(), "world_size": world}
     if is_main:
-        atomic_write_text(model_json, json.dumps(model_meta, indent=1))
+        write_json_atomic(model_json, model_meta, indent=1)
 
     # --- epochs ------------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -471,9 +462,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         history.append(row)
         if is_main:
             if improved:
-                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "val_dice_mean": best_dice,
+                save_torch_atomic({"model": model.state_dict(), "epoch": epoch, "val_dice_mean": best_dice,
                                    "version": CHECKPOINT_VERSION}, best_path)
-            atomic_torch_save({
+            save_torch_atomic({
                 "version": CHECKPOINT_VERSION, "identity": json.dumps(identity, sort_keys=True),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
@@ -494,7 +485,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             _write_curve(history, curve_path, spec.stage)
         if not best_path.exists() and latest_path.exists():
             state = torch.load(latest_path, map_location="cpu", weights_only=True)
-            atomic_torch_save({"model": state["model"], "epoch": state["epoch"], "val_dice_mean": None,
+            save_torch_atomic({"model": state["model"], "epoch": state["epoch"], "val_dice_mean": None,
                                "version": CHECKPOINT_VERSION}, best_path)
         # Post-processing learned on validation (nnU-Net's rule): keep the largest connected component of a
         # class only where that raises the validation Dice of the best checkpoint.
@@ -506,7 +497,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             choice = choose_postprocessing(preds, [c.label for c in val_cases], range(1, num_classes),
                                            force=cfg.postprocess == "largest_component")
             model_meta["postprocess"] = choice
-            atomic_write_text(model_json, json.dumps(model_meta, indent=1))
+            write_json_atomic(model_json, model_meta, indent=1)
             log.info("stage %s: post-processing %s (validation Dice %.4f -> %.4f)", spec.stage,
                      f"keeps the largest component of classes {choice['largest_component']}"
                      if choice["largest_component"] else "none", choice["val_dice_before"], choice["val_dice_after"])

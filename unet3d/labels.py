@@ -1,0 +1,35 @@
+"""Label values: the ignore value, source labels -> stage classes, and a stage's label map from its `merge`.
+
+Every module that masks ignored voxels, maps a reference to stage classes or derives a stage's label map
+imports it from here, so the three rules cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# Voxels with this label value are left out of the loss and of every metric (unlabelled or unsure regions).
+IGNORE_LABEL = 255
+
+
+def label_map_from_merge(classes: Mapping[int, object] | Sequence[int],
+                         merge: Mapping[int, Sequence[int]] | None) -> dict[int, int]:
+    """source label value -> stage class index.
+
+    `merge` {stage class: [source label values]} names the source labels each class is made of; without it (None or
+    empty) each class is its own source label (identity). `classes` gives the class indices (a mapping's keys, or a
+    sequence of them); keys read back from JSON as strings are turned into ints."""
+    if not merge:
+        merge = {k: [k] for k in classes}
+    return {int(src): int(dst) for dst, srcs in merge.items() for src in srcs}
+
+
+def map_labels(label: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
+    """Source label values -> stage classes through a lookup table; unmapped values become background, the
+    ignore value stays ignore."""
+    lut = np.zeros(max(256, int(label.max(initial=0)) + 1), dtype=np.uint8)
+    for src, dst in label_map.items():
+        lut[int(src)] = int(dst)
+    lut[IGNORE_LABEL] = IGNORE_LABEL
+    return lut[label]
