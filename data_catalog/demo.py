@@ -39,7 +39,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from unet3d.io import process_alive
+from unet3d.io import process_alive, write_bytes_atomic
+
+from .hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -504,34 +506,14 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a hidden temporary sibling then rename, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return sha256_file(path) if path.is_file() else None
 
 
 def _write_if_changed(path: Path, data: bytes) -> bool:
     """Atomically write `data` unless the file already holds exactly these bytes; True when written."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
-    _atomic_write(path, data)
+    write_bytes_atomic(path, data)
     return True
 
 
@@ -540,7 +522,8 @@ def _json_bytes(obj: dict) -> bytes:
 
 
 def _remove_stale_partials(directory: Path) -> None:
-    """Drop temporaries left by a generation that was killed (only names this module creates)."""
+    """Drop `.<name>.<pid>.partial` temporaries of a killed generation: the names this module wrote before it
+    moved to atomic_path (which removes its own leftovers), so a cohort folder of an older run is cleaned too."""
     for stale in directory.glob(".*.partial"):
         try:
             pid = int(stale.name.rsplit(".", 2)[-2])

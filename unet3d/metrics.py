@@ -46,14 +46,23 @@ _CHUNK_VOXELS = 1 << 22
 # ---------------------------------------------------------------------------------------------------------------
 # Overlap scores from confusion counts
 # ---------------------------------------------------------------------------------------------------------------
+def empty_mask_scores(ref_empty: bool, pred_empty: bool) -> dict[str, float | None] | None:
+    """The SPEC's empty-mask policy (module docstring) for precision, recall, dice and iou, or None when neither
+    mask is empty (the scores are then computed from the counts). Lesion detection reads dice as its F1."""
+    if ref_empty and pred_empty:
+        return {"precision": 1.0, "recall": 1.0, "dice": 1.0, "iou": 1.0}
+    if pred_empty:  # a missed structure
+        return {"precision": None, "recall": 0.0, "dice": 0.0, "iou": 0.0}
+    if ref_empty:  # a hallucinated structure
+        return {"precision": 0.0, "recall": None, "dice": 0.0, "iou": 0.0}
+    return None
+
+
 def overlap_scores(tp: int, fp: int, fn: int, tn: int, ref_empty: bool, pred_empty: bool) -> dict[str, float | None]:
     """precision, recall, specificity, dice, iou from confusion counts, applying the SPEC's empty-mask policy."""
-    if ref_empty and pred_empty:
-        precision, recall, dice, iou = 1.0, 1.0, 1.0, 1.0
-    elif pred_empty:  # a missed structure
-        precision, recall, dice, iou = None, 0.0, 0.0, 0.0
-    elif ref_empty:  # a hallucinated structure
-        precision, recall, dice, iou = 0.0, None, 0.0, 0.0
+    policy = empty_mask_scores(ref_empty, pred_empty)
+    if policy is not None:
+        precision, recall, dice, iou = policy["precision"], policy["recall"], policy["dice"], policy["iou"]
     else:
         # tp + fp can be 0 only if every predicted voxel lies on ignored reference voxels: nothing to judge.
         precision = tp / (tp + fp) if tp + fp > 0 else None
@@ -65,13 +74,14 @@ def overlap_scores(tp: int, fp: int, fn: int, tn: int, ref_empty: bool, pred_emp
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int]) -> dict[int, float]:
-    """Dice per class; both empty counts as 1 (SPEC's empty-mask policy); ignored voxels don't count."""
+    """Dice per class under the empty-mask policy (empty_mask_scores); ignored voxels don't count."""
     valid = ref != IGNORE_LABEL
     out = {}
     for c in classes:
         p, r = (pred == c) & valid, (ref == c) & valid
-        denom = int(p.sum()) + int(r.sum())
-        out[c] = 1.0 if denom == 0 else 2.0 * int((p & r).sum()) / denom
+        n_pred, n_ref = int(p.sum()), int(r.sum())
+        policy = empty_mask_scores(n_ref == 0, n_pred == 0)
+        out[c] = policy["dice"] if policy is not None else 2.0 * int((p & r).sum()) / (n_pred + n_ref)
     return out
 
 
@@ -312,12 +322,9 @@ def lesion_metrics(
             overlap = pred_mask & ref_mask
             detected = int(np.count_nonzero(np.unique(ref_components[overlap])))
             pred_hits = int(np.count_nonzero(np.unique(pred_components[overlap])))
-        if n_ref == 0 and n_pred == 0:
-            precision, recall, f1 = 1.0, 1.0, 1.0
-        elif n_pred == 0:
-            precision, recall, f1 = None, 0.0, 0.0
-        elif n_ref == 0:
-            precision, recall, f1 = 0.0, None, 0.0
+        policy = empty_mask_scores(n_ref == 0, n_pred == 0)
+        if policy is not None:
+            precision, recall, f1 = policy["precision"], policy["recall"], policy["dice"]
         else:
             precision, recall = pred_hits / n_pred, detected / n_ref
             f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
