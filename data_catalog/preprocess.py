@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.io import Geometry, atomic_path, read_image, to_numpy
-from unet3d.resample import (Normalisation, canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
+from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox, plan_normalisation,
                              preprocess_consuming)
 
 # Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
@@ -215,9 +215,7 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
     tmp = Path(plan_dir) / f"{TMP_PREFIX}{case_dirname(case)}-{uuid.uuid4().hex[:8]}"
     try:
         image, label, geometry = _read_case(case)
-        norm = plan["normalisation"]
-        normalisation = Normalisation(norm["scheme"], norm.get("clip_low"), norm.get("clip_high"), norm.get("mean"),
-                                      norm.get("std"))
+        normalisation = plan_normalisation(plan)
         arrays = [image, label]
         del image, label  # handed over: the raw volume is freed as soon as it has been resampled
         image, label, props = preprocess_consuming(

@@ -22,8 +22,8 @@ from .io import Geometry
 from .postprocess import apply_postprocessing
 from .resample import (
     CaseProperties,
-    Normalisation,
     invert_probabilities,
+    plan_normalisation,
     preprocess_arrays,
     resample_to_shape,
 )
@@ -78,11 +78,6 @@ class StageModel:
                                        batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else None,
                                        device=self.device)
         return probs.numpy()
-
-
-def plan_normalisation(plan: dict) -> Normalisation:
-    n = plan["normalisation"]
-    return Normalisation(n["scheme"], n.get("clip_low"), n.get("clip_high"), n.get("mean"), n.get("std"))
 
 
 def preprocess_for_plan(image: np.ndarray, geometry: Geometry, plan: dict) -> tuple[np.ndarray, CaseProperties]:

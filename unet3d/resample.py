@@ -330,6 +330,13 @@ class Normalisation:
         return self.transform(image, stats), stats
 
 
+def plan_normalisation(plan: dict) -> Normalisation:
+    """The Normalisation a preprocessing plan records (`plan["normalisation"]`): training cases and inference
+    inputs are normalised by this one reading of the plan. The clip and statistics keys exist only for `ct`."""
+    n = plan["normalisation"]
+    return Normalisation(n["scheme"], n.get("clip_low"), n.get("clip_high"), n.get("mean"), n.get("std"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole forward step and its inverse
 # ---------------------------------------------------------------------------------------------------------
