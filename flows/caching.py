@@ -44,7 +44,7 @@ STAGE_SOURCES = {
     "infer": ["unet3d/inference.py", "unet3d/postprocess.py", "unet3d/sliding_window.py", "unet3d/resample.py",
               "flows.stages:run_infer"],
     "evaluate": ["unet3d/metrics.py", "flows.stages:run_evaluate"],
-    "report": ["unet3d/report.py", "unet3d/metrics.py", "flows.stages:run_report"],
+    "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py", "flows.stages:run_report"],
 }
 
 # Config keys that change how fast a stage runs, not what it produces.

@@ -293,7 +293,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from unet3d.report import format_summary, latest_run_id, read_table
+    from unet3d.report import format_summary
+    from unet3d.report_tables import latest_run_id, read_table
 
     ws = Path(_workspace(args))
     root = ws / "reports" / "summary"

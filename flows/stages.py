@@ -430,7 +430,7 @@ def run_evaluate(workspace: str, cfg: dict, key: str, infer: dict, progress: boo
 
     from unet3d.io import read_image, to_numpy
     from unet3d.metrics import case_metrics, lesion_metrics
-    from unet3d.report import LESIONS_SCHEMA, METRICS_SCHEMA, write_partition
+    from unet3d.report_tables import LESIONS_SCHEMA, METRICS_SCHEMA, write_partition
     from unet3d.labels import map_labels
 
     cohort = _cohort(cfg)
@@ -485,7 +485,9 @@ def key_report(cfg: dict, evaluate: dict) -> str:
 
 def run_report(workspace: str, cfg: dict, key: str, evaluate: dict) -> dict:
     from unet3d.metrics import summarize
-    from unet3d.report import SUMMARY_SCHEMA, format_summary, pick_overlay_cases, write_markdown_report, write_partition
+    from unet3d.overlays import pick_overlay_cases
+    from unet3d.report import format_summary, write_markdown_report
+    from unet3d.report_tables import SUMMARY_SCHEMA, write_partition
 
     run_id, run_date = evaluate["run_id"], evaluate["run_date"]
     metrics = pd.read_parquet(evaluate["metrics_path"])

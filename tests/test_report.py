@@ -1,5 +1,6 @@
-"""Tests of unet3d.report: hive-partitioned Parquet runs (keys not stored, rewrite without duplicates, atomic
-replacement), the console summary, PNG overlays and the Markdown report, and the choice of example cases."""
+"""Tests of unet3d.report_tables, unet3d.report and unet3d.overlays: hive-partitioned Parquet runs (keys not
+stored, rewrite without duplicates, atomic replacement), the console summary, PNG overlays and the Markdown
+report, and the choice of example cases."""
 from __future__ import annotations
 
 import os
@@ -14,18 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import SimpleITK as sitk
 
-from unet3d import report
+from unet3d import overlays, report
 from unet3d.metrics import case_metrics, lesion_metrics, summarize
-from unet3d.report import (
+from unet3d.overlays import overlay_png, pick_overlay_cases
+from unet3d.report import format_summary, write_markdown_report
+from unet3d.report_tables import (
     LESIONS_SCHEMA,
     METRICS_SCHEMA,
     SUMMARY_SCHEMA,
-    format_summary,
     latest_run_id,
-    overlay_png,
-    pick_overlay_cases,
     read_table,
-    write_markdown_report,
     write_partition,
 )
 
@@ -276,12 +275,12 @@ def test_choose_slices_follow_the_reference_then_the_prediction():
     reference[2:4, 2:4, 4] = 0  # slice 4 smaller than 5
     prediction = np.zeros_like(reference)
     prediction[:, :, 16:18] = 1
-    slices = report.choose_slices(reference, prediction, 3)
+    slices = overlays.choose_slices(reference, prediction, 3)
     assert len(slices) == 3 and all(4 <= z <= 12 for z in slices) and 4 not in slices
-    assert report.choose_slices(np.zeros_like(reference), prediction, 3) == [16, 17]
-    assert report.choose_slices(None, prediction, 1) in ([16], [17])
+    assert overlays.choose_slices(np.zeros_like(reference), prediction, 3) == [16, 17]
+    assert overlays.choose_slices(None, prediction, 1) in ([16], [17])
     empty = np.zeros_like(reference)
-    assert report.choose_slices(empty, empty, 3) == [5, 10, 14]
+    assert overlays.choose_slices(empty, empty, 3) == [5, 10, 14]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def test_pick_overlay_cases(metrics):
 
 def test_label_map_sends_unmapped_values_to_background():
     labels = np.array([0, 10, 20, 255, 7], dtype=np.uint8).reshape(5, 1, 1)
-    assert report._map_labels(labels, {10: 1, 7: 2}).ravel().tolist() == [0, 1, 0, 0, 2]
+    assert overlays.reference_classes(labels, {10: 1, 7: 2}).ravel().tolist() == [0, 1, 0, 0, 2]
 
 
 def _write_case(folder: Path, case_id: str, shift: int, source_labels: bool) -> dict:
