@@ -55,6 +55,10 @@ class Workspace:
     def plan_dir(self, cohort: str, plan_id: str) -> Path:
         return self.preprocessed_dir(cohort) / safe_name(plan_id, "plan id")
 
+    def plan_file(self, cohort: str, plan_id: str) -> Path:
+        """plans/PLAN_ID.json: a preprocessing plan."""
+        return self.plans_dir(cohort) / f"{safe_name(plan_id, 'plan id')}.json"
+
     # -- models --------------------------------------------------------------------------------------------
     def model_dir(self, cohort: str, stage: str, identity: str) -> Path:
         """models/COHORT/STAGE-IDENTITY: one folder per (data, stage, model config), not per budget."""
@@ -84,6 +88,9 @@ class Workspace:
     def run_report_dir(self, run_id: str) -> Path:
         return self.reports_dir / "runs" / safe_name(run_id, "run id", max_len=128)
 
+    def run_report_md(self, run_id: str) -> Path:
+        return self.run_report_dir(run_id) / "report.md"
+
     # -- run records ---------------------------------------------------------------------------------------
     @property
     def runs_dir(self) -> Path:
@@ -105,6 +112,14 @@ class Workspace:
     @property
     def demo_dir(self) -> Path:
         return self.root / "demo"
+
+    @property
+    def demo_cohort_dir(self) -> Path:
+        return self.demo_dir / "cohort"
+
+    @property
+    def demo_config(self) -> Path:
+        return self.demo_dir / "demo.yaml"
 
     # -- paths stored in records ---------------------------------------------------------------------------
     def relative(self, path: str | Path) -> str:
