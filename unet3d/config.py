@@ -5,6 +5,7 @@ silently training for the default 50 epochs.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -62,8 +63,17 @@ class PreprocessConfig(_Section):
     @field_validator("target_spacing")
     @classmethod
     def _three_positive(cls, v):
-        if isinstance(v, list) and (len(v) != 3 or any(s <= 0 for s in v)):
+        # `not s > 0` and isfinite: YAML's .nan and .inf are floats that `s <= 0` lets through
+        if isinstance(v, list) and (len(v) != 3 or any(not s > 0 or not math.isfinite(s) for s in v)):
             raise ValueError("target_spacing must be 'auto' or three positive millimetre values [x, y, z]")
+        return v
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _dask_memory(cls, v):
+        # Dask would refuse any other word only when the cluster starts, after ingestion has run
+        if not re.fullmatch(r"auto|\d+(\.\d+)?(e\d+)?\s*([kmgtp]i?)?b?", v.strip(), re.IGNORECASE):
+            raise ValueError(f"memory_limit must be 'auto' or a size such as '4GB' or '512MiB', got {v!r}")
         return v
 
 
@@ -89,9 +99,9 @@ class StageConfig(_Section):
     name: str
     classes: dict[int, str]
     merge: dict[int, list[int]] | None = None
-    spacing_factor: float = Field(1.0, gt=0)
+    spacing_factor: float = Field(1.0, gt=0, allow_inf_nan=False)
     roi_from: str | None = None
-    margin_mm: float = Field(10.0, ge=0)
+    margin_mm: float = Field(10.0, ge=0, allow_inf_nan=False)
     patch_size: list[int] | None = None
     max_epochs: int | None = Field(None, ge=1)  # overrides train.max_epochs for this stage
     time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: a share of the cascade's budget
@@ -207,6 +217,9 @@ class PipelineConfig(_Section):
     def _splits_have_cases(self):
         if self.labels is not None and not self.labels:
             raise ValueError("labels: must declare at least one label value (or leave the section out)")
+        if self.labels and min(self.labels) <= 0:
+            raise ValueError(f"labels: values must be positive (0 is the background, never listed), got "
+                             f"{sorted(v for v in self.labels if v <= 0)}")
         ratios = dict(zip(("train", "val", "test"), self.split.ratios))
         empty = [s for s in self.infer.splits if ratios[s] <= 0]
         if empty:
