@@ -94,7 +94,7 @@ def nnunet_chain(nnunet_bin: Path, ws: Path, name: str, cases, labels: dict, mod
 
 
 def measure(ws: Path, cohort: str, workers: int) -> dict:
-    from data_catalog.store import run_preprocessing
+    from data_catalog.preprocess import run_preprocessing
     from unet3d.config import PreprocessConfig
 
     shutil.rmtree(ws / "preprocessed" / cohort, ignore_errors=True)  # cold: fingerprint, plan, every case
@@ -113,7 +113,8 @@ def run_cohort(name: str, source: Path, ws: Path, modality: str | None, worker_c
     import numpy as np
 
     from data_catalog.ingest import ingest
-    from data_catalog.store import PreprocessedStore, case_records
+    from data_catalog.case_worker import case_records
+    from data_catalog.store import PreprocessedStore
     from data_catalog.tables import Catalog
 
     shutil.rmtree(ws / "catalog", ignore_errors=True)

@@ -58,7 +58,9 @@ def main() -> int:
 
     from data_catalog.ingest import ingest
     from data_catalog.splits import split_table, update_splits
-    from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
+    from data_catalog.case_worker import case_records
+    from data_catalog.preprocess import run_preprocessing
+    from data_catalog.store import PreprocessedStore
     from unet3d.config import PreprocessConfig, TrainConfig
     from unet3d.inference import StageModel
     from unet3d.sampling import load_case

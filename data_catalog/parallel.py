@@ -97,7 +97,7 @@ _WORKER_DEATHS = ("KilledWorker", "CommClosedError", "StreamClosedError", "Futur
 
 def _environment_fault(exc: BaseException, desc: str, chunk: list[dict]) -> BaseException:
     """The exception a failed chunk becomes: an EnvironmentFault for the machine's problems, else itself."""
-    from .preprocess import EnvironmentFault, as_environment_fault
+    from .case_worker import EnvironmentFault, as_environment_fault
 
     if isinstance(exc, EnvironmentFault):
         return exc

@@ -1,283 +1,156 @@
-"""Per-case work of the preprocessing stage: fingerprint one case, preprocess one case into the store.
+"""The preprocessing stage: fingerprint -> plan -> preprocess every `ok` case of a cohort into the store,
+per case on Dask; only missing (case, plan) pairs do work. A case whose data cannot be preprocessed becomes
+an issues row and is quarantined; a failure of the machine (data_catalog.case_worker.EnvironmentFault)
+stops the stage and quarantines nothing.
 
-These functions run inside Dask workers: they take and return small picklable dicts, import only numpy and
-SimpleITK (no torch, no pandas), never raise for a bad case (a failure is returned and becomes an
-issues row), and write each case through a temporary folder that is renamed into place at the end, so
-that a worker killed midway leaves nothing that looks complete.
-
-A problem of the machine rather than of the case (a full disk, an I/O error, no memory) is not a case
-failure: it raises `EnvironmentFault`, the stage fails with one line that names the problem, nothing is
-quarantined, and the rerun after the problem is fixed processes the cases normally.
+The planning is in data_catalog.plan, the per-case work in data_catalog.case_worker, the folders in
+data_catalog.store.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
-import re
-import resource
-import shutil
-import traceback
-import uuid
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import pandas as pd
 
-from unet3d.io import Geometry, atomic_path, read_image, to_numpy
-from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox, plan_normalisation,
-                             preprocess_consuming)
+from .case_worker import case_records, preprocess_case
+from .parallel import dask_client, map_cases, worker_memory
+from .plan import plan_cohort, plan_key, scaled_plan
+from .store import PreprocessedStore
+from .tables import Catalog, utc_now
 
-# Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
-PREPROCESS_VERSION = 3
-FOREGROUND_SAMPLE_PER_CASE = 10_000
-TMP_PREFIX = ".tmp-"
-
-
-class EnvironmentFault(OSError):
-    """The environment failed (disk full, I/O error, out of memory, a dead worker), not the case's data.
-
-    An OSError with the original errno (so that a retry policy keyed on errno still applies); its str() is
-    one line that names the problem, e.g. "disk full (No space left on device) while writing case X: ...".
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror if self.strerror is not None else super().__str__())
+log = logging.getLogger(__name__)
 
 
-# errno -> what the user is told. These are the machine's problems whatever the file.
-ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "disk full",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for the file system",
-    errno.EIO: "I/O error",
-    errno.EROFS: "read-only file system",
-    errno.ENOMEM: "out of memory",
-    errno.EMFILE: "too many open files",
-    errno.ENFILE: "too many open files",
-    errno.ESTALE: "stale network file handle",
-    errno.ETIMEDOUT: "I/O timed out",
-    errno.EAGAIN: "resource temporarily unavailable",
-    errno.EBUSY: "device or resource busy",
-}
+@dataclass
+class PreprocessResult:
+    cohort: str
+    plan_ids: dict[float, str]  # spacing factor -> plan id
+    n_cases: int
+    fingerprinted: int = 0
+    processed: int = 0  # the work counter: cases actually resampled and written in this run
+    cached: int = 0
+    failed: list[dict] = field(default_factory=list)
+    removed_partial: int = 0
+    seconds: float = 0.0
+    worker_memory: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        plans = ", ".join(f"x{f:g}: {p}" for f, p in self.plan_ids.items())
+        return (f"preprocess {self.cohort}: {self.n_cases} cases, {self.processed} processed, {self.cached} cached, "
+                f"{len(self.failed)} failed (plans {plans}) in {self.seconds:.1f} s")
 
 
-_ALLOCATION_FAILURES = ("Failed to allocate memory", "std::bad_alloc")
+def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: dict, modality: str | None = None,
+                      spacing_factors: tuple[float, ...] = (1.0,), refresh: bool = False, progress: bool = True,
+                      case_ids: list[str] | None = None) -> PreprocessResult:
+    """Fingerprint, plan and preprocess every `ok` case of a cohort; only missing (case, plan) pairs do work."""
+    t0 = time.perf_counter()
+    catalog = Catalog(workspace)
+    if refresh:
+        retried = clear_failures(catalog, cohort)
+        if retried:
+            log.info("refresh: %d cases that failed preprocessing before are tried again", retried)
+    cases_df = catalog.cases(cohort=cohort, status="ok")
+    if case_ids is not None:
+        cases_df = cases_df[cases_df["case_id"].isin(case_ids)]
+    if cases_df.empty:
+        raise ValueError(f"cohort {cohort!r} has no ok cases in the catalog; run `unet3d ingest` first")
+    modality = modality or str(cases_df["modality"].mode().iloc[0])
+    cases = case_records(cases_df)
+    store = PreprocessedStore(workspace, cohort)
+    result = PreprocessResult(cohort, {}, len(cases))
+    key = plan_key(preprocess_config, modality)
 
+    with store.lock():
+        result.removed_partial = store.remove_partial()
+        if result.removed_partial:
+            log.warning("removed %d partial case folders left by an interrupted run", result.removed_partial)
+        plan = None if refresh else store.pinned(key)
+        client_cm = None
+        client = None
 
-def environment_problem(exc: BaseException, writing: bool = False) -> str | None:
-    """What went wrong with the machine, or None when `exc` is the case's own problem (bad data).
+        def get_client():
+            nonlocal client_cm, client
+            if client is None:
+                client_cm = dask_client(preprocess_config.get("workers", 2), preprocess_config.get("dask_address"),
+                                        preprocess_config.get("memory_limit", "auto"))
+                client = client_cm.__enter__()
+            return client
 
-    `writing`: the exception came from writing the workspace, where any OSError is the machine's (a short
-    write such as numpy's "53760 requested and 6112 written" carries no errno but means a full disk).
-    """
-    if isinstance(exc, EnvironmentFault):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _ALLOCATION_FAILURES):
-        return "out of memory"  # ITK's allocation failure comes as a RuntimeError
-    if not isinstance(exc, OSError):
-        return None
-    if exc.errno in ENVIRONMENT_ERRNOS:
-        return ENVIRONMENT_ERRNOS[exc.errno]
-    if exc.errno is None and "requested and" in str(exc) and "written" in str(exc):
-        return "disk full (short write)"
-    if writing:
-        return "cannot write the workspace"
-    return None
-
-
-def as_environment_fault(exc: BaseException, what: str, writing: bool = False) -> EnvironmentFault | None:
-    """`exc` as an EnvironmentFault whose one-line message says `problem while what: exc`, or None."""
-    problem = environment_problem(exc, writing)
-    if problem is None:
-        return None
-    if isinstance(exc, EnvironmentFault):
-        return exc
-    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
-    code = getattr(exc, "errno", None)
-    if code is None and problem.startswith("disk full"):
-        code = errno.ENOSPC
-    return EnvironmentFault(code, f"{problem} while {what}: {type(exc).__name__}: {detail}")
-
-
-def _single_thread_itk() -> None:
-    import SimpleITK as sitk
-    # One Dask worker = one core: ITK's own thread pool would oversubscribe the machine.
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def _read_case(case: dict) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    files = list(case["image_files"]) if case.get("image_files") is not None else [case["image_path"]]
-    image = read_image(files if case.get("source_kind") == "dicom" else files[0])
-    geometry = Geometry.of(image)
-    voxels = to_numpy(image)
-    del image
-    label = None
-    if case.get("label_path"):
-        label_img = read_image(case["label_path"])
-        label = to_numpy(label_img)
-        if not np.issubdtype(label.dtype, np.integer):
-            label = np.round(label)
-        label = label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16, copy=False)
-    return voxels, label, geometry
-
-
-def content_key(case: dict) -> str:
-    import hashlib
-    text = f"{case.get('image_sha256')}|{case.get('label_sha256')}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def case_dirname(case: dict) -> str:
-    return f"{case['case_id']}__{content_key(case)}"
-
-
-def _atomic_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=1, sort_keys=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _raise_if_environment(exc: BaseException, what: str, writing: bool = False) -> None:
-    fault = as_environment_fault(exc, what, writing)
-    if fault is not None:
-        raise fault from exc
-
-
-# ---------------------------------------------------------------------------------------------------------
-def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
-    """Per-case statistics for planning: canonical spacing and shapes, and a foreground intensity sample."""
-    _single_thread_itk()
-    path = Path(out_dir) / f"{case_dirname(case)}.json"
-    if path.exists():
-        return {"case_id": case["case_id"], "status": "cached", "path": str(path)}
-    try:
-        image, label, geometry = _read_case(case)
-        perm, flips = canonical_axes(geometry.direction_matrix())
-        canon = canonical_geometry(geometry, perm, flips)
-        # The crop box is computed on the original axes and permuted: same box, no reoriented copies.
-        nonzero = image != 0
-        if label is not None:
-            nonzero |= label > 0
-        raw_box = nonzero_bbox(nonzero)
-        bbox = [raw_box[p] for p in perm]
-        # Both arrays share one memory layout: ravel("K") walks them in the same order without copying.
-        flat_image = image.ravel(order="K")
-        if label is not None and label.any():
-            foreground = flat_image[label.ravel(order="K") > 0]
-        else:
-            foreground = flat_image[nonzero.ravel(order="K")] if nonzero.any() else flat_image
-        del nonzero
-        rng = np.random.default_rng([seed, int(content_key(case)[:8], 16)])
-        # A sample with replacement is as good for percentiles and far cheaper than a permutation.
-        sample = foreground if foreground.size <= FOREGROUND_SAMPLE_PER_CASE else \
-            foreground[rng.integers(0, foreground.size, FOREGROUND_SAMPLE_PER_CASE)]
-        sample = sample.astype(np.float64)
-        classes = {}
-        if label is not None:
-            values, counts = label_counts(label)
-            classes = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
-        record = {
-            "case_id": case["case_id"],
-            "canonical_spacing": list(canon.spacing),
-            "canonical_shape": list(canon.size),
-            "cropped_shape": [b - a for a, b in bbox],
-            "crop_fraction": float(np.prod([b - a for a, b in bbox]) / max(np.prod(canon.size), 1)),
-            "foreground_sample": [float(v) for v in sample],
-            "foreground_mean": float(foreground.mean(dtype=np.float64)) if foreground.size else 0.0,
-            "foreground_std": float(foreground.std(dtype=np.float64)) if foreground.size else 1.0,
-            "class_voxels": classes,
-            "labelled": label is not None,
-        }
-    except Exception as exc:  # a bad case must not stop the cohort; a full disk or no memory must
-        _raise_if_environment(exc, f"fingerprinting case {case['case_id']}")
-        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_json(path, record)
-    except Exception as exc:
-        _raise_if_environment(exc, f"writing the fingerprint of case {case['case_id']} in {path.parent}", writing=True)
-        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
-    return {"case_id": case["case_id"], "status": "done", "path": str(path)}
-
-
-def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
-    """Preprocess one case with `plan` into `plan_dir/<case_id>__<content key>/`; skip it if already there.
-
-    Returns {"status": "failed"} for a case whose data cannot be preprocessed; raises EnvironmentFault when
-    the machine fails (full disk, I/O error, out of memory), leaving no partial folder behind.
-    """
-    _single_thread_itk()
-    final = Path(plan_dir) / case_dirname(case)
-    if case_complete(final):
-        return {"case_id": case["case_id"], "status": "cached", "dir": str(final)}
-    tmp = Path(plan_dir) / f"{TMP_PREFIX}{case_dirname(case)}-{uuid.uuid4().hex[:8]}"
-    try:
-        image, label, geometry = _read_case(case)
-        normalisation = plan_normalisation(plan)
-        arrays = [image, label]
-        del image, label  # handed over: the raw volume is freed as soon as it has been resampled
-        image, label, props = preprocess_consuming(
-            arrays, geometry, plan["target_spacing"], normalisation,
-            image_order=plan["image_order"], label_mode=plan["label_mode"])
-    except Exception as exc:  # the case's data; a full disk or no memory is raised instead
-        _raise_if_environment(exc, f"preprocessing case {case['case_id']}")
-        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
-    try:
-        if final.exists():  # left incomplete by a crash of the machine
-            shutil.rmtree(final)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "image.npy", image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
-        if label is not None:
-            np.save(tmp / "label.npy", label)
-        meta = props.to_dict()
-        meta.update(case_id=case["case_id"], image_sha256=case.get("image_sha256"),
-                    label_sha256=case.get("label_sha256"), plan_id=plan["plan_id"])
-        # Sizes let a reader recognise files truncated by a crash of the machine (no fsync: it would double
-        # the cost of a small case; a truncated case is simply preprocessed again).
-        meta["files"] = {f.name: f.stat().st_size for f in tmp.iterdir()}
-        (tmp / "props.json").write_text(json.dumps(meta))
         try:
-            os.rename(tmp, final)  # atomic: the case appears complete or not at all
-        except OSError:
-            if case_complete(final):  # another worker finished the same case first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        _remove_stale_versions(Path(plan_dir), case["case_id"], final.name)
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _raise_if_environment(exc, f"writing case {case['case_id']} to {plan_dir}", writing=True)
-        return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
-    return {"case_id": case["case_id"], "status": "done", "dir": str(final),
-            "shape": list(image.shape), "peak_rss_mb": _peak_rss_mb()}
+            if plan is None:
+                plan, result.fingerprinted, failures = plan_cohort(store, cases, cases_df, modality, preprocess_config,
+                                                                   get_client, progress)
+                result.failed += failures
+                store.pin(key, plan)
+                log.info("planned %s: target spacing %s mm, normalisation %s", plan["plan_id"],
+                         plan["target_spacing"], plan["normalisation"]["scheme"])
+            failed_ids = {f["case_id"] for f in result.failed}
+            for factor in spacing_factors:
+                p = scaled_plan(plan, factor)
+                store.save_plan(p)
+                result.plan_ids[factor] = p["plan_id"]
+                store.plan_dir(p["plan_id"]).mkdir(parents=True, exist_ok=True)
+                pending = [c for c in cases if c["case_id"] not in failed_ids and not store.has_case(p["plan_id"], c)]
+                result.cached += len(cases) - len(pending) - len(failed_ids)
+                if not pending:
+                    continue
+                outs = map_cases(preprocess_case, pending, p, str(store.plan_dir(p["plan_id"])), client=get_client(),
+                                 desc=f"preprocess x{factor:g}", progress=progress)
+                result.processed += sum(o["status"] == "done" for o in outs)
+                result.cached += sum(o["status"] == "cached" for o in outs)
+                new_failures = [dict(o, step=f"preprocess x{factor:g}") for o in outs if o["status"] == "failed"]
+                result.failed += new_failures
+                failed_ids |= {f["case_id"] for f in new_failures}
+            if client is not None:
+                result.worker_memory = worker_memory(client)
+        finally:
+            if client_cm is not None:
+                client_cm.__exit__(None, None, None)
+
+    if result.failed:
+        record_failures(catalog, cohort, result.failed)
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
-def case_complete(case_dir: Path) -> bool:
-    """A case folder is complete when its props.json parses and every file has the size it records."""
-    try:
-        meta = json.loads((case_dir / "props.json").read_text())
-        return all((case_dir / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError):
-        return False
+def record_failures(catalog: Catalog, cohort: str, failures: list[dict]) -> None:
+    """A case that failed preprocessing becomes an issues row and is quarantined; the others go on."""
+    now = utc_now()
+    with catalog.lock():
+        cases = catalog.read("cases")
+        issues = catalog.read("issues")
+        rows = []
+        for f in failures:
+            path = cases.loc[(cases["cohort"] == cohort) & (cases["case_id"] == f["case_id"]), "image_path"]
+            rows.append({"cohort": cohort, "case_id": f["case_id"], "path": path.iloc[0] if len(path) else None,
+                         "severity": "error", "code": "preprocess_failed", "stage": "preprocess",
+                         "message": f"{f.get('step', 'preprocess')}: {f.get('error')}", "found_at": now})
+            log.error("case %s failed %s: %s", f["case_id"], f.get("step"), f.get("error"))
+        ids = {f["case_id"] for f in failures}
+        cases.loc[(cases["cohort"] == cohort) & cases["case_id"].isin(ids), "status"] = "quarantined"
+        stale = (issues["cohort"] == cohort) & issues["case_id"].isin(ids) & (issues["code"] == "preprocess_failed")
+        issues = pd.concat([issues[~stale], pd.DataFrame(rows)], ignore_index=True)
+        catalog.write("cases", cases)
+        catalog.write("issues", issues)
 
 
-def _remove_stale_versions(plan_dir: Path, case_id: str, keep: str) -> None:
-    """Older versions of a case whose content changed are garbage now."""
-    # exactly CASE__<content key>: a prefix match would take case "X_"'s folders for stale versions of "X"
-    own = re.compile(rf"^{re.escape(case_id)}__[0-9a-f]{{16}}$")
-    for d in plan_dir.iterdir():
-        if d.name != keep and own.match(d.name):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _describe(exc: Exception) -> str:
-    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
-    msg = " ".join(str(exc).split())[:400]
-    return f"{type(exc).__name__}: {msg}{where}"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def clear_failures(catalog: Catalog, cohort: str) -> int:
+    """Forget earlier preprocessing failures (for a refresh): their cases are tried again."""
+    with catalog.lock():
+        cases = catalog.read("cases")
+        issues = catalog.read("issues")
+        mine = issues["cohort"] == cohort
+        failed = mine & (issues["code"] == "preprocess_failed")
+        if not failed.any():
+            return 0
+        issues = issues[~failed]
+        still_bad = set(issues.loc[mine[~failed] & (issues["severity"] == "error"), "case_id"])
+        retry = (cases["cohort"] == cohort) & (cases["status"] == "quarantined") & ~cases["case_id"].isin(still_bad)
+        cases.loc[retry, "status"] = "ok"
+        catalog.write("cases", cases)
+        catalog.write("issues", issues)
+        return int(retry.sum())

@@ -17,6 +17,8 @@ from filelock import FileLock
 
 from unet3d.io import atomic_path
 
+from .workspace import Workspace
+
 CASES_SCHEMA = pa.schema([
     ("cohort", pa.string()),
     ("case_id", pa.string()),
@@ -66,15 +68,17 @@ class Catalog:
 
     def __init__(self, workspace: str | Path):
         self.workspace = Path(workspace)
-        self.root = self.workspace / "catalog"
-        self.cases_path = self.root / "cases.parquet"
-        self.issues_path = self.root / "issues.parquet"
-        self.splits_path = self.root / "splits.parquet"
+        layout = Workspace(workspace)
+        self.root = layout.catalog_dir
+        self.cases_path = layout.catalog_table("cases")
+        self.issues_path = layout.catalog_table("issues")
+        self.splits_path = layout.catalog_table("splits")
+        self.lock_path = layout.catalog_lock
 
     @contextlib.contextmanager
     def lock(self, timeout: float = 600) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".lock"), timeout=timeout):
+        with FileLock(str(self.lock_path), timeout=timeout):
             yield
 
     def read(self, which: str) -> pd.DataFrame:

@@ -42,6 +42,11 @@ class Workspace:
             raise KeyError(f"unknown catalog table {which!r}; known: cases, issues, splits")
         return self.catalog_dir / f"{which}.parquet"
 
+    @property
+    def catalog_lock(self) -> Path:
+        """The lock that serialises the catalog's writers."""
+        return self.catalog_dir / ".lock"
+
     # -- preprocessed store --------------------------------------------------------------------------------
     def preprocessed_dir(self, cohort: str) -> Path:
         return self.root / "preprocessed" / safe_name(cohort, "cohort name")
@@ -58,6 +63,14 @@ class Workspace:
     def plan_file(self, cohort: str, plan_id: str) -> Path:
         """plans/PLAN_ID.json: a preprocessing plan."""
         return self.plans_dir(cohort) / f"{safe_name(plan_id, 'plan id')}.json"
+
+    def pinned_plan_file(self, cohort: str, config_key: str) -> Path:
+        """plans/pinned-CONFIGKEY.json: the plan in force for a preprocess config."""
+        return self.plans_dir(cohort) / f"pinned-{safe_name(config_key, 'plan config key')}.json"
+
+    def preprocessed_lock(self, cohort: str) -> Path:
+        """The lock that serialises preprocessing runs of a cohort."""
+        return self.preprocessed_dir(cohort) / ".lock"
 
     # -- models --------------------------------------------------------------------------------------------
     def model_dir(self, cohort: str, stage: str, identity: str) -> Path:

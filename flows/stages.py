@@ -20,9 +20,10 @@ from filelock import FileLock
 
 from data_catalog.hashing import stable_hash
 from data_catalog.ingest import ingest
-from data_catalog.preprocess import case_dirname
+from data_catalog.case_worker import case_dirname, case_records
 from data_catalog.splits import split_table, update_splits
-from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
+from data_catalog.preprocess import run_preprocessing
+from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
 from unet3d.recipe import stage_time_budgets
 

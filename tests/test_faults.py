@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_catalog import store as store_module
+from data_catalog import preprocess as preprocess_stage
 from data_catalog.demo import generate_demo_cohort
 from data_catalog.ingest import ingest
-from data_catalog.preprocess import EnvironmentFault, environment_problem, preprocess_case
-from data_catalog.store import run_preprocessing
+from data_catalog.case_worker import EnvironmentFault, environment_problem, preprocess_case
+from data_catalog.preprocess import run_preprocessing
 from data_catalog.tables import Catalog
 
 CONFIG = {"target_spacing": "auto", "normalisation": "auto", "workers": 1, "dask_address": None,
@@ -35,7 +35,7 @@ def _in_process_client(workers=1, dask_address=None, memory_limit="auto"):
 
 @pytest.fixture()
 def threads_cluster(monkeypatch):
-    monkeypatch.setattr(store_module, "dask_client", _in_process_client)
+    monkeypatch.setattr(preprocess_stage, "dask_client", _in_process_client)
 
 
 def _cohort(root: Path, n: int = 6) -> Path:
@@ -119,21 +119,21 @@ def test_full_disk_while_fingerprinting_quarantines_nothing(tmp_path, monkeypatc
     """A CT cohort is fingerprinted first (intensity statistics): the disk fills up there."""
     src, ws = _cohort(tmp_path / "src"), tmp_path / "ws"
     ingest(src, "demo", ws)
-    real_write_text = Path.write_text
+    real_write_bytes = Path.write_bytes
 
-    def write_text(self, data, *args, **kwargs):
+    def write_bytes(self, data, *args, **kwargs):
         if self.parent.name == "fingerprints":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write_text(self, data, *args, **kwargs)
+        return real_write_bytes(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     with pytest.raises(EnvironmentFault, match="disk full"):
         run_preprocessing(ws, "demo", CONFIG, progress=False)
     catalog = Catalog(ws)
     assert (catalog.cases(cohort="demo")["status"] == "ok").all()
     assert catalog.read("issues").query("code == 'preprocess_failed'").empty
     assert _leftovers(ws) == []
-    monkeypatch.setattr(Path, "write_text", real_write_text)
+    monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
     rerun = run_preprocessing(ws, "demo", CONFIG, progress=False)
     assert not rerun.failed and rerun.processed == 6
 
@@ -142,7 +142,7 @@ def test_bad_data_is_still_a_case_failure_and_memory_errors_are_not(tmp_path, mo
     """The line between the two: a damaged file quarantines its case; MemoryError raises."""
     src, ws = _cohort(tmp_path / "src", 1), tmp_path / "ws"
     ingest(src, "demo", ws)
-    case = store_module.case_records(Catalog(ws).cases(cohort="demo"))[0]
+    case = preprocess_stage.case_records(Catalog(ws).cases(cohort="demo"))[0]
     plan = {"plan_id": "p", "target_spacing": [3.0, 3.0, 6.0], "image_order": 1, "label_mode": "nearest",
             "normalisation": {"scheme": "zscore"}}
     Path(case["image_path"]).write_bytes(b"not an image")
@@ -152,7 +152,7 @@ def test_bad_data_is_still_a_case_failure_and_memory_errors_are_not(tmp_path, mo
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr("data_catalog.preprocess._read_case", no_memory)
+    monkeypatch.setattr("data_catalog.case_worker._read_case", no_memory)
     with pytest.raises(EnvironmentFault, match="out of memory while preprocessing case"):
         preprocess_case(case, plan, str(tmp_path / "plan"))
 
@@ -206,7 +206,7 @@ def test_preprocessing_case_x_keeps_the_folder_of_case_x_underscore(tmp_path):
                         str(src / f"{name}.nii.gz"))
     ws = tmp_path / "ws"
     ingest(src, "c", ws)
-    cases = {c["case_id"]: c for c in store_module.case_records(Catalog(ws).cases(cohort="c"))}
+    cases = {c["case_id"]: c for c in preprocess_stage.case_records(Catalog(ws).cases(cohort="c"))}
     plan = {"plan_id": "p", "target_spacing": [1.0, 1.0, 1.0], "image_order": 1, "label_mode": "nearest",
             "normalisation": {"scheme": "zscore"}}
     plan_dir = tmp_path / "plan"

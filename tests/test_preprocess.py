@@ -16,8 +16,9 @@ import pytest
 
 from data_catalog.demo import generate_demo_cohort
 from data_catalog.ingest import ingest
-from data_catalog.preprocess import case_complete
-from data_catalog.store import PreprocessedStore, case_records, run_preprocessing
+from data_catalog.case_worker import case_complete, case_records
+from data_catalog.preprocess import run_preprocessing
+from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
 from unet3d.io import read_image, to_numpy
 from unet3d.resample import invert_labels
@@ -69,7 +70,7 @@ def test_sigkill_midway_leaves_nothing_partial_and_the_rerun_completes(tmp_path)
     src, ws = _cohort(tmp_path, 14, shape=(96, 96, 48)), tmp_path / "ws"
     ingest(src, "demo", ws)
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from data_catalog.store import run_preprocessing\n"
+              "from data_catalog.preprocess import run_preprocessing\n"
               "if __name__ == '__main__':\n"
               f"    run_preprocessing({str(ws)!r}, 'demo', {dict(CONFIG, workers=1, target_spacing=[0.9, 0.9, 0.9])!r},"
               " progress=False)\n")

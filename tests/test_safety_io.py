@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from data_catalog.ingest import ingest
-from data_catalog.preprocess import _atomic_json
+from unet3d.io import write_json_atomic as _atomic_json
 from data_catalog.tables import Catalog, write_parquet_atomic
 from unet3d.io import Geometry, atomic_path, from_numpy, write_image_atomic
 

@@ -1,0 +1,121 @@
+"""Planning the preprocessing of a cohort: from per-case fingerprints (or, when no intensities are needed,
+the catalog's headers) to a plan: target spacing, normalisation and interpolation, named by its plan id.
+
+The plan is pinned the first time a cohort is preprocessed with a given config (`plan_key`): adding cases
+later does not move the target spacing or the CT intensity window, so N new cases cost N preprocessings,
+not a rerun of the whole cohort (nnU-Net's #176). `refresh` (or `unet3d preprocess --refresh preprocess`)
+re-plans; a re-plan that lands on the same plan id still reuses every case.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from unet3d.resample import ANISOTROPY_THRESHOLD, canonical_axes
+
+from .case_worker import PREPROCESS_VERSION, fingerprint_case
+from .hashing import stable_hash
+from .parallel import map_cases
+from .store import PreprocessedStore
+
+
+def plan_key(preprocess_config: dict, modality: str) -> str:
+    """The key a plan is pinned under: the config keys that shape a plan, the modality, the code version."""
+    relevant = {k: preprocess_config.get(k) for k in ("target_spacing", "normalisation", "image_interpolation",
+                                                      "label_interpolation")}
+    return stable_hash({"config": relevant, "modality": modality, "version": PREPROCESS_VERSION}, 12)
+
+
+def make_plan(fingerprints: list[dict], modality: str, preprocess_config: dict) -> dict:
+    """Target spacing, normalisation and interpolation for a cohort, from its per-case fingerprints."""
+    if not fingerprints:
+        raise ValueError("no case could be fingerprinted: nothing to plan from")
+    spacings = np.array([f["canonical_spacing"] for f in fingerprints], dtype=np.float64)
+    if preprocess_config.get("target_spacing", "auto") == "auto":
+        target = np.median(spacings, axis=0)
+        if target.max() / target.min() > ANISOTROPY_THRESHOLD:
+            # Strongly anisotropic: a median thick-slice spacing would blur the thinner-sliced cases; take
+            # the 10th percentile of that axis (nnU-Net's rule), so most cases are upsampled along it.
+            thick = int(np.argmax(target))
+            target[thick] = np.percentile(spacings[:, thick], 10)
+    else:
+        target = np.asarray(preprocess_config["target_spacing"], dtype=np.float64)
+    target = np.round(target, 6)
+
+    scheme = preprocess_config.get("normalisation", "auto")
+    if scheme == "auto":
+        scheme = "ct" if modality == "CT" else "zscore"
+    norm: dict = {"scheme": scheme}
+    if scheme == "ct":
+        sample = np.concatenate([np.asarray(f["foreground_sample"], dtype=np.float64) for f in fingerprints
+                                 if f.get("labelled")] or [np.asarray(f["foreground_sample"]) for f in fingerprints])
+        norm.update(clip_low=float(np.percentile(sample, 0.5)), clip_high=float(np.percentile(sample, 99.5)),
+                    mean=float(sample.mean()), std=float(sample.std()))
+    shapes = np.array([np.asarray(f.get("cropped_shape", f["canonical_shape"])) * np.asarray(f["canonical_spacing"])
+                       / target for f in fingerprints])
+    plan = {
+        "target_spacing": [float(t) for t in target],
+        "normalisation": norm,
+        "image_order": 3 if preprocess_config.get("image_interpolation", "cubic") == "cubic" else 1,
+        "label_mode": preprocess_config.get("label_interpolation", "linear"),
+        "version": PREPROCESS_VERSION,
+    }
+    plan["plan_id"] = stable_hash(plan, 12)
+    plan["median_shape"] = [int(round(s)) for s in np.median(shapes, axis=0)]
+    plan["modality"] = modality
+    plan["n_cases_planned"] = len(fingerprints)
+    plan["spacing_factor"] = 1.0
+    return plan
+
+
+def scaled_plan(plan: dict, factor: float) -> dict:
+    """The same plan at a coarser spacing (a cascade's first stage)."""
+    if factor == 1.0:
+        return plan
+    out = json.loads(json.dumps(plan))
+    out["target_spacing"] = [round(t * factor, 6) for t in plan["target_spacing"]]
+    out["median_shape"] = [max(1, int(round(s / factor))) for s in plan["median_shape"]]
+    out["spacing_factor"] = factor
+    identity = {k: out[k] for k in ("target_spacing", "normalisation", "image_order", "label_mode", "version")}
+    out["plan_id"] = stable_hash(identity, 12)
+    return out
+
+
+def needs_intensity_fingerprint(preprocess_config: dict, modality: str) -> bool:
+    scheme = preprocess_config.get("normalisation", "auto")
+    return scheme == "ct" or (scheme == "auto" and modality == "CT")
+
+
+def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
+    """Canonical spacings straight from the catalog (headers): all a non-CT plan needs."""
+    out = []
+    for row in cases_df.to_dict("records"):
+        perm, _ = canonical_axes(np.asarray(row["direction"], dtype=np.float64).reshape(3, 3))
+        out.append({"case_id": row["case_id"], "canonical_spacing": [float(row["spacing_mm"][p]) for p in perm],
+                    "canonical_shape": [int(row["size"][p]) for p in perm], "labelled": row["label_path"] is not None})
+    return out
+
+
+def plan_cohort(store: PreprocessedStore, cases: list[dict], cases_df: pd.DataFrame, modality: str,
+                preprocess_config: dict, get_client: Callable, progress: bool = True) -> tuple[dict, int, list[dict]]:
+    """Fingerprint (voxels only where the plan needs intensities: CT) and plan.
+
+    Returns (plan, cases fingerprinted in this call, failures as {"case_id", "error", "step": "fingerprint"});
+    a failed case is left out of the plan. `get_client()` gives the Dask client, started only when needed."""
+    if not needs_intensity_fingerprint(preprocess_config, modality):
+        return make_plan(header_fingerprints(cases_df), modality, preprocess_config), 0, []
+    todo = [c for c in cases if not store.fingerprint_file(c).exists()]
+    failures, fingerprinted = [], 0
+    if todo:
+        fps = map_cases(fingerprint_case, todo, str(store.fingerprint_dir), client=get_client(),
+                        desc="fingerprint", progress=progress)
+        failures = [f for f in fps if f["status"] == "failed"]
+        fingerprinted = sum(f["status"] == "done" for f in fps)
+    failed_ids = {f["case_id"] for f in failures}
+    fingerprints = [json.loads(store.fingerprint_file(c).read_text())
+                    for c in cases if c["case_id"] not in failed_ids]
+    return (make_plan(fingerprints, modality, preprocess_config), fingerprinted,
+            [dict(f, step="fingerprint") for f in failures])
