@@ -15,6 +15,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from unet3d.config import SPLIT_DEFAULTS
+
 from .tables import Catalog, utc_now
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,8 @@ class SplitResult:
         return f"split {self.cohort}: {c} ({self.new} newly assigned)"
 
 
-def update_splits(workspace: str | Path, cohort: str, ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
-                  group_by: str = "patient_id") -> SplitResult:
+def update_splits(workspace: str | Path, cohort: str, ratios: Sequence[float] = tuple(SPLIT_DEFAULTS.ratios),
+                  seed: int = SPLIT_DEFAULTS.seed, group_by: str = SPLIT_DEFAULTS.group_by) -> SplitResult:
     """Assign every labelled `ok` case of the cohort that has no split yet; never move an assigned one."""
     catalog = Catalog(workspace)
     with catalog.lock():

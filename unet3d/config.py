@@ -262,6 +262,14 @@ class PipelineConfig(_Section):
         return value.model_dump(mode="json") if value is not None else {}
 
 
+# Sections at their defaults. Library functions whose keyword arguments are these settings take their defaults
+# from here, so that every default is written once, in the fields above.
+SPLIT_DEFAULTS = SplitConfig()
+TRAIN_DEFAULTS = TrainConfig()
+INFER_DEFAULTS = InferConfig()
+EVALUATE_DEFAULTS = EvaluateConfig()
+
+
 def _format_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():

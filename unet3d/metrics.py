@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .config import EVALUATE_DEFAULTS
 from .labels import IGNORE_LABEL
 
 #: Metrics that `summarize` aggregates, in output order.
@@ -294,7 +295,7 @@ def lesion_metrics(
     ref: np.ndarray,
     spacing_mm: Sequence[float],
     classes: Mapping[int, str],
-    connectivity: int = 26,
+    connectivity: int = EVALUATE_DEFAULTS.lesion_connectivity,
 ) -> list[dict]:
     """Detection metrics over connected components ("lesions"), one dict per class.
 
@@ -369,7 +370,7 @@ def _pooled_scores(frame: pd.DataFrame) -> dict[str, float | None]:
     return overlap_scores(tp, fp, fn, tn, ref_empty=tp + fn == 0, pred_empty=tp + fp == 0)
 
 
-def summarize(metrics: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+def summarize(metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
     """Summary table: one row per group x metric.
 
     Groups are the combinations of whichever of run_id, run_date, cohort, stage, split, class_name are columns of

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import TRAIN_DEFAULTS
+
 __all__ = [
     "ARCHITECTURES",
     "AttentionGate",
@@ -307,8 +309,8 @@ class UNet3D(nn.Module):
         features: Sequence[int],
         strides: Sequence[Triple],
         kernel_sizes: Sequence[Triple],
-        norm: str = "instance",
-        dropout: float = 0.0,
+        norm: str = TRAIN_DEFAULTS.norm,
+        dropout: float = TRAIN_DEFAULTS.dropout,
         deep_supervision: bool = False,
         residual: bool = False,
         attention: bool = False,
@@ -428,8 +430,8 @@ def build_network(
     features: Sequence[int] = (16, 32, 64, 128),
     strides: Sequence[Sequence[int]] | None = None,
     kernel_sizes: Sequence[Sequence[int]] | None = None,
-    norm: str = "instance",
-    dropout: float = 0.0,
+    norm: str = TRAIN_DEFAULTS.norm,
+    dropout: float = TRAIN_DEFAULTS.dropout,
     deep_supervision: bool = False,
     stem_stride: int | Sequence[int] = 1,
 ) -> nn.Module:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .config import TRAIN_DEFAULTS
 from .labels import IGNORE_LABEL, map_labels
 
 MAX_FOREGROUND_COORDS = 20_000  # per class and case: enough to sample centres from, small in memory
@@ -111,7 +112,7 @@ class PatchSampler:
     """
 
     def __init__(self, cases: Sequence[CaseData], patch_size: Sequence[int], batch_size: int, device: torch.device,
-                 foreground_oversample: float = 0.33, roi_jitter_mm: float = 0.0, keep_on_device: bool = False,
+                 foreground_oversample: float = TRAIN_DEFAULTS.foreground_oversample, roi_jitter_mm: float = 0.0, keep_on_device: bool = False,
                  context: Sequence[int] = (0, 0, 0)):
         self.cases = [c for c in cases if c.label is not None]
         if not self.cases:

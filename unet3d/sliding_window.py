@@ -1,6 +1,6 @@
 """Sliding-window inference: predict a whole volume with a network trained on fixed-size patches.
 
-The volume is covered by windows of the training patch size that overlap by ``overlap`` (0.5 by default).
+The volume is covered by windows of the training patch size that overlap by ``overlap`` (infer.overlap's default unless given).
 Each window's logits are weighted by a gaussian importance map (centre voxels count more than border voxels,
 whose receptive field was cut off by padding), summed into a volume-sized accumulator, divided by the summed
 weights, and only then turned into probabilities with a softmax. Averaging logits rather than probabilities
@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import INFER_DEFAULTS
 
 __all__ = ["gaussian_importance_map", "window_starts", "sliding_window_predict"]
 
@@ -134,8 +136,8 @@ def sliding_window_predict(
     image: Tensor,
     patch_size: Sequence[int],
     num_classes: int,
-    overlap: float = 0.5,
-    batch_size: int = 4,
+    overlap: float = INFER_DEFAULTS.overlap,
+    batch_size: int = INFER_DEFAULTS.batch_size,
     mirror_axes: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     amp: bool | None = None,

@@ -34,14 +34,14 @@ from torch import nn
 
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
-from .config import TrainConfig
+from .config import INFER_DEFAULTS, TrainConfig
 from .io import atomic_path, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
 from .models import build_network, count_parameters, plan_topology
 from .postprocess import choose_postprocessing
-from .recipe import Recipe, cuda_patch_voxels, plan_recipe
 from .labels import IGNORE_LABEL
+from .recipe import Recipe, cuda_patch_voxels, plan_recipe
 from .sampling import CaseData, PatchSampler, center_crop, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
@@ -67,7 +67,7 @@ class TrainSpec:
     stage: str = "final"
     roi: dict | None = None  # {"label_values": [...], "margin_mm": float} for a cascade's second stage
     patch_size: list[int] | None = None
-    overlap: float = 0.5
+    overlap: float = INFER_DEFAULTS.overlap
     spacing: list[float] | None = None  # the preprocessed grid's spacing; default: from the first case
 
     @property
@@ -173,7 +173,7 @@ def restore_rng_states(states: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def predict_cases(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
-                  device: torch.device, overlap: float = 0.5) -> list[np.ndarray]:
+                  device: torch.device, overlap: float) -> list[np.ndarray]:
     """Label maps (X, Y, Z) uint8 of whole cases with the inference sliding window (stage 2: inside the
     reference ROI box, background outside)."""
     was_training = model.training
@@ -212,7 +212,7 @@ def volume_ratio(preds: Sequence[np.ndarray], cases: Sequence[CaseData]) -> floa
 
 
 def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], num_classes: int,
-             device: torch.device, overlap: float = 0.5) -> dict[int, float]:
+             device: torch.device, overlap: float) -> dict[int, float]:
     """Mean Dice per class over whole validation cases (stage 2: inside the reference ROI box)."""
     return mean_dice(predict_cases(model, cases, patch, num_classes, device, overlap), cases, num_classes)
 
@@ -233,11 +233,14 @@ def _distributed() -> tuple[int, int]:
 
 
 def build_model_from_config(model_config: dict) -> nn.Module:
+    # model.json files written before the strided stem existed have no stem_stride: build_network's own default
+    # (no stem) is what they were trained with.
+    stem = {"stem_stride": model_config["stem_stride"]} if "stem_stride" in model_config else {}
     return build_network(
         model_config["architecture"], model_config["in_channels"], model_config["num_classes"],
         features=model_config["features"], strides=model_config["strides"], kernel_sizes=model_config["kernel_sizes"],
         norm=model_config["norm"], dropout=model_config["dropout"],
-        deep_supervision=model_config["deep_supervision"], stem_stride=model_config.get("stem_stride", 1))
+        deep_supervision=model_config["deep_supervision"], **stem)
 
 
 def network_topology(patch: Sequence[int], spacing: Sequence[float], n_stages: int,
