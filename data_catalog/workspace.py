@@ -87,6 +87,10 @@ class Workspace:
     def stage1_cache_dir(self, identity: str) -> Path:
         return self.root / "cache" / "stage1" / identity
 
+    def stage1_cache_file(self, identity: str, case_dirname: str) -> Path:
+        """cache/stage1/IDENT/CASE__KEY.npy: one case's stage-1 probabilities (named as its preprocessed folder)."""
+        return self.stage1_cache_dir(identity) / f"{case_dirname}.npy"
+
     # -- reports -------------------------------------------------------------------------------------------
     @property
     def reports_dir(self) -> Path:

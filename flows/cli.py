@@ -202,17 +202,19 @@ def _print_run(results: dict, seconds: float) -> None:
             status = "cached" if item.get("cached") else "computed"
             print(f"{label:12s} {status:9s} {item.get('stage_seconds', 0):8.1f}  {item.get('key', '')[:12]}")
     print(f"total {seconds:.1f} s")
-    ws = results["workspace"]
+    from data_catalog.workspace import Workspace
+
+    ws = Workspace(results["workspace"])
     if "report" in results:
         r = results["report"]
         print(f"\n{r['table']}\n")
         print(f"run id:      {r['run_id']}")
-        print(f"metrics:     {ws}/reports/metrics   (pandas.read_parquet reads every run)")
-        print(f"summary:     {ws}/reports/summary")
+        print(f"metrics:     {ws.report_table('metrics')}   (pandas.read_parquet reads every run)")
+        print(f"summary:     {ws.report_table('summary')}")
         print(f"report:      {r['report_md']}")
-        print(f"predictions: {ws}/predictions/{r['run_id']}")
+        print(f"predictions: {ws.predictions_dir(r['run_id'])}")
     else:
-        print(f"workspace:   {ws}")
+        print(f"workspace:   {ws.root}")
 
 
 def cmd_run(args) -> int:
@@ -229,28 +231,27 @@ def _stage_command(stage: str):
 
 def cmd_demo(args) -> int:
     from data_catalog.demo import generate_demo_cohort
+    from data_catalog.workspace import Workspace
 
-    ws = Path(_workspace(args))
+    ws = Workspace(_workspace(args))
     if args.cases < 10:
         raise ValueError("--cases must be at least 10 (the split needs train, val and test cases)")
-    source = ws / "demo" / "cohort"
+    source = ws.demo_cohort_dir
     print(f"generating {args.cases} synthetic phantom cases in {source}")
     generate_demo_cohort(source, n_cases=args.cases, seed=args.seed)
-    config = ws / "demo" / "demo.yaml"
+    config = ws.demo_config
     text = DEMO_CONFIG.format(source=source, epochs=args.epochs)
     if not config.exists() or config.read_text() != text:
         config.write_text(text)
     print(f"config: {config}")
-    _run_pipeline(str(config), str(ws), [], "report")
+    _run_pipeline(str(config), str(ws.root), [], "report")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from tqdm.auto import tqdm
-
     from flows.stages import read_run_record
-    from unet3d.inference import StageModel, run_cascade
-    from unet3d.io import Geometry, from_numpy, read_image, strip_image_suffix, to_numpy, write_image_atomic
+    from unet3d.inference import PredictionJob, StageModel, infer_cases
+    from unet3d.io import strip_image_suffix
 
     ws = _workspace(args)
     try:
@@ -260,44 +261,38 @@ def cmd_predict(args) -> int:
     stages = record["stages"]
     models = [StageModel.load(s["model_dir"], device=args.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
               for s in stages]
-    plans = [s["plan"] for s in stages]
-    overlap = record["config"]["infer"]["overlap"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for inp in tqdm(args.inputs, desc="predict", unit="scan", leave=False):
+    names = [s["name"] for s in stages]
+    jobs = []
+    for inp in args.inputs:  # the last stage's prediction is NAME.nii.gz, an earlier stage's NAME_STAGE.nii.gz
         path = Path(inp)
         name = path.name if path.is_dir() else strip_image_suffix(path.name)
-        try:
-            image = read_image(path)
-            if image.GetDimension() != 3:
-                raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
-            geometry = Geometry.of(image)
-            result, _ = run_cascade(to_numpy(image), geometry, models, plans, overlap=overlap, tta=args.tta)
-        except Exception as exc:  # one bad scan does not stop the others
-            failures += 1
-            print(f"  {inp}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-            continue
-        for w in result.warnings:
-            print(f"  {inp}: warning: {w}", file=sys.stderr)
-        names = [s["name"] for s in stages]
-        for stage_name, labels in result.labels.items():
-            suffix = "" if stage_name == names[-1] else f"_{stage_name}"
-            target = out / f"{name}{suffix}.nii.gz"
-            write_image_atomic(from_numpy(labels.astype("uint8"), geometry), target)
-            print(f"  {inp} -> {target}")
+        jobs.append(PredictionJob(inp, {n: out / f"{name}{'' if n == names[-1] else f'_{n}'}.nii.gz" for n in names},
+                                  image=path))
+    infer = record["config"]["infer"]
+    done = infer_cases(jobs, models, [s["plan"] for s in stages], overlap=infer["overlap"], tta=args.tta,
+                       batch_size=infer["batch_size"], resume=False, keep_going=True, desc="predict")
+    for outcome in done.outcomes:  # one bad scan does not stop the others
+        if outcome.error is not None:
+            print(f"  {outcome.case_id}: error: {outcome.error}", file=sys.stderr)
+        for w in outcome.warnings:
+            print(f"  {outcome.case_id}: warning: {w}", file=sys.stderr)
+        for target in outcome.written:
+            print(f"  {outcome.case_id} -> {target}")
     print(f"predictions of run {args.model} in {out}")
-    if failures:
-        raise RuntimeError(f"{failures} of {len(args.inputs)} inputs failed (see above)")
+    if done.failed:
+        raise RuntimeError(f"{done.failed} of {len(args.inputs)} inputs failed (see above)")
     return 0
 
 
 def cmd_report(args) -> int:
+    from data_catalog.workspace import Workspace
     from unet3d.report import format_summary
     from unet3d.report_tables import latest_run_id, read_table
 
-    ws = Path(_workspace(args))
-    root = ws / "reports" / "summary"
+    ws = Workspace(_workspace(args))
+    root = ws.report_table("summary")
     run_id = args.run or latest_run_id(root)
     if run_id is None:
         raise ValueError(f"no run reported yet in {root}; run `unet3d run CONFIG` first")
@@ -306,7 +301,7 @@ def cmd_report(args) -> int:
         raise ValueError(f"no summary for run {run_id!r} in {root}")
     print(f"run {run_id} ({summary['run_date'].iloc[0]})")
     print(format_summary(summary))
-    md = ws / "reports" / "runs" / run_id / "report.md"
+    md = ws.run_report_md(run_id)
     if md.exists():
         print(f"report: {md}")
     return 0

@@ -23,10 +23,13 @@ from typing import Any  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from unet3d.config import PipelineConfig, load_config  # noqa: E402
+from data_catalog.workspace import Workspace  # noqa: E402
+from unet3d.config import PipelineConfig, StageConfig, load_config  # noqa: E402
 
+from . import cache_keys as K  # noqa: E402
 from . import stages as S  # noqa: E402
-from .caching import DOWNSTREAM, STAGES, marker_valid, results_dir, to_data  # noqa: E402
+from .cache_keys import DOWNSTREAM, STAGES  # noqa: E402
+from .caching import marker_valid, to_data  # noqa: E402
 from .preflight import preflight  # noqa: E402
 from .results import DataOnlyJSON, result_storage  # noqa: E402
 
@@ -61,37 +64,37 @@ STAGE_TASK_OPTIONS = dict(cache_key_fn=_key_from_parameters, persist_result=True
 
 
 @task(name="ingest", **STAGE_TASK_OPTIONS)
-def ingest_task(key: str, workspace: str, cfg: dict) -> dict:
+def ingest_task(key: str, workspace: str, cfg: PipelineConfig) -> dict:
     return S.run_ingest(workspace, cfg, key)
 
 
 @task(name="preprocess", **STAGE_TASK_OPTIONS)
-def preprocess_task(key: str, workspace: str, cfg: dict, replan: bool = False) -> dict:
+def preprocess_task(key: str, workspace: str, cfg: PipelineConfig, replan: bool = False) -> dict:
     return S.run_preprocess(workspace, cfg, key, refresh=replan)
 
 
 @task(name="split", **STAGE_TASK_OPTIONS)
-def split_task(key: str, workspace: str, cfg: dict) -> dict:
+def split_task(key: str, workspace: str, cfg: PipelineConfig) -> dict:
     return S.run_split(workspace, cfg, key)
 
 
 @task(name="train", **STAGE_TASK_OPTIONS)
-def train_task(key: str, workspace: str, cfg: dict, stage: dict, preprocess: dict, refresh: bool = False) -> dict:
+def train_task(key: str, workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict, refresh: bool = False) -> dict:
     return S.run_train(workspace, cfg, key, stage, preprocess, refresh=refresh)
 
 
 @task(name="infer", **STAGE_TASK_OPTIONS)
-def infer_task(key: str, workspace: str, cfg: dict, trains: list[dict], preprocess: dict, refresh: bool = False) -> dict:
+def infer_task(key: str, workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict, refresh: bool = False) -> dict:
     return S.run_infer(workspace, cfg, key, trains, preprocess, refresh=refresh)
 
 
 @task(name="evaluate", **STAGE_TASK_OPTIONS)
-def evaluate_task(key: str, workspace: str, cfg: dict, infer: dict) -> dict:
+def evaluate_task(key: str, workspace: str, cfg: PipelineConfig, infer: dict) -> dict:
     return S.run_evaluate(workspace, cfg, key, infer)
 
 
 @task(name="report", **STAGE_TASK_OPTIONS)
-def report_task(key: str, workspace: str, cfg: dict, evaluate: dict) -> dict:
+def report_task(key: str, workspace: str, cfg: PipelineConfig, evaluate: dict) -> dict:
     return S.run_report(workspace, cfg, key, evaluate)
 
 
@@ -106,7 +109,7 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
     configured = task_fn.with_options(refresh_cache=forced or stale, task_run_name=marker_name)
     # Prefect's constructor accepts only server-saved storage blocks; a local block set on the task copy is
     # used as is at run time (as the Path form would be), and it reads only data-only records.
-    configured.result_storage = result_storage(results_dir(workspace))
+    configured.result_storage = result_storage(Workspace(workspace).results_dir)
     state = configured(key=key, workspace=workspace, return_state=True, **task_kwargs)
     result = to_data(state.result())  # raises the stage's exception if it failed
     cached = state.name == "Cached"
@@ -120,50 +123,50 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
 # One flow per stage
 # ---------------------------------------------------------------------------------------------------------
 @flow(name="ingest")
-def ingest_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
-    return _call("ingest", "ingest", ingest_task, S.key_ingest(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
+def ingest_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
+    return _call("ingest", "ingest", ingest_task, K.key_ingest(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
 
 
 @flow(name="preprocess")
-def preprocess_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
+def preprocess_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
     refresh_set = set(refresh or [])
-    return _call("preprocess", "preprocess", preprocess_task, S.key_preprocess(workspace, cfg), workspace, refresh_set,
+    return _call("preprocess", "preprocess", preprocess_task, K.key_preprocess(workspace, cfg), workspace, refresh_set,
                  dict(cfg=cfg, replan="preprocess" in refresh_set))
 
 
 @flow(name="split")
-def split_flow(workspace: str, cfg: dict, refresh: list[str] | None = None) -> dict:
-    return _call("split", "split", split_task, S.key_split(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
+def split_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
+    return _call("split", "split", split_task, K.key_split(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
 
 
 @flow(name="train")
-def train_flow(workspace: str, cfg: dict, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
+def train_flow(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
     out = []
     refresh_set = set(refresh or [])
-    for stage in S.stage_list(cfg):
-        key = S.key_train(workspace, cfg, stage, preprocess)
+    for stage in cfg.resolved_stages():
+        key = K.key_train(workspace, cfg, stage, preprocess)
         # --refresh train retrains from scratch (the stage's old checkpoints are removed, not resumed)
-        out.append(_call("train", f"train-{stage['name']}", train_task, key, workspace, refresh_set,
+        out.append(_call("train", f"train-{stage.name}", train_task, key, workspace, refresh_set,
                          dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh_set)))
     return out
 
 
 @flow(name="infer")
-def infer_flow(workspace: str, cfg: dict, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
+def infer_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
     refresh_set = set(refresh or [])
-    return _call("infer", "infer", infer_task, S.key_infer(workspace, cfg, trains, preprocess), workspace,
+    return _call("infer", "infer", infer_task, K.key_infer(workspace, cfg, trains, preprocess), workspace,
                  refresh_set, dict(cfg=cfg, trains=trains, preprocess=preprocess, refresh="infer" in refresh_set))
 
 
 @flow(name="evaluate")
-def evaluate_flow(workspace: str, cfg: dict, infer: dict, refresh: list[str] | None = None) -> dict:
-    return _call("evaluate", "evaluate", evaluate_task, S.key_evaluate(cfg, infer), workspace, set(refresh or []),
+def evaluate_flow(workspace: str, cfg: PipelineConfig, infer: dict, refresh: list[str] | None = None) -> dict:
+    return _call("evaluate", "evaluate", evaluate_task, K.key_evaluate(cfg, infer), workspace, set(refresh or []),
                  dict(cfg=cfg, infer=infer))
 
 
 @flow(name="report")
-def report_flow(workspace: str, cfg: dict, evaluate: dict, refresh: list[str] | None = None) -> dict:
-    result = _call("report", "report", report_task, S.key_report(cfg, evaluate), workspace, set(refresh or []),
+def report_flow(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: list[str] | None = None) -> dict:
+    result = _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, set(refresh or []),
                    dict(cfg=cfg, evaluate=evaluate))
     _publish_artifacts(result)
     return result
@@ -211,15 +214,14 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     """
     logger = get_run_logger()
     ws = resolve_workspace(workspace)
-    cfg_model: PipelineConfig = load_config(config_path)
-    cfg = cfg_model.model_dump(mode="json")
-    cfg["stages"] = S.stage_list(cfg)
-    preflight(cfg, ws)  # folders, the data's labels, the catalog: refused before any stage writes anything
+    cfg = load_config(config_path)  # validated once; the typed config travels down to every stage
+    # folders, the data's labels, the catalog: refused before any stage writes anything
+    preflight(cfg.model_dump(mode="json"), ws)
     refresh_list = expand_refresh(refresh)
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     last = STAGES.index(until)
-    logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg["cohort"]["name"], ws,
+    logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg.cohort.name, ws,
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
     results["ingest"] = ingest_flow(ws, cfg, refresh_list)

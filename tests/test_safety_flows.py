@@ -49,14 +49,14 @@ def _pickle_record(payload: object, storage_key: str) -> bytes:
 # issue 10 item 1: stage results are data, never code
 # ---------------------------------------------------------------------------------------------------------
 def test_planted_pickle_in_a_cached_stage_result_is_never_unpickled(pipeline, tiny_cohort, tmp_path, caplog):
-    from flows.caching import results_dir
+    from data_catalog.workspace import Workspace
 
     ws = tmp_path / "ws"
     config = write_config(tmp_path / "c.yaml", tiny_cohort)
     first = pipeline(config_path=str(config), workspace=str(ws), until="split")
     marker = tmp_path / "pwned"
     for stage in ("ingest", "split"):
-        path = results_dir(ws) / first[stage]["key"]
+        path = Workspace(ws).results_dir / first[stage]["key"]
         path.write_bytes(_pickle_record(_Exploit(marker), str(path)))
 
     with caplog.at_level("WARNING"):
@@ -66,7 +66,7 @@ def test_planted_pickle_in_a_cached_stage_result_is_never_unpickled(pipeline, ti
     assert second["split"]["counts"] == first["split"]["counts"]
     assert any("names serializer 'pickle'" in r.getMessage() for r in caplog.records)
     # recomputed and stored again as plain JSON data: the next run is a plain cache hit
-    record = json.loads(results_dir(ws).joinpath(first["split"]["key"]).read_bytes())
+    record = json.loads(Workspace(ws).results_dir.joinpath(first["split"]["key"]).read_bytes())
     assert record["metadata"]["serializer"] == {"type": "unet3d-json"}
     assert json.loads(record["result"])["key"] == first["split"]["key"]
     third = pipeline(config_path=str(config), workspace=str(ws), until="split")

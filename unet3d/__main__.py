@@ -1,4 +1,17 @@
-"""`python -m unet3d` runs the command line (which lives in flows.cli, the Prefect wiring layer)."""
-from flows.cli import main
+"""`python -m unet3d` runs the `unet3d` command line through its installed console script (the command line
+lives in the Prefect wiring layer, which this library never imports)."""
+import sys
+from importlib.metadata import entry_points
 
-raise SystemExit(main())
+
+def main() -> int:
+    scripts = entry_points(group="console_scripts", name="unet3d")
+    if not scripts:
+        print("python -m unet3d: the unet3d command line is not installed (run `pip install -e .` in the "
+              "project folder)", file=sys.stderr)
+        return 1
+    return next(iter(scripts)).load()()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

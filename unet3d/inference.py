@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .io import Geometry
+from .io import Geometry, atomic_path, from_numpy, read_image, to_numpy, write_image_atomic
 from .postprocess import apply_postprocessing
 from .resample import (
     CaseProperties,
@@ -149,3 +149,114 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
     full[(slice(None), *sl)] = crop_probs
     labels[second.name] = apply_postprocessing(invert_probabilities(full, props2), second.postprocess)
     return CascadeOutput(labels, box, warnings), probs1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Many cases: the one inference loop of the pipeline's infer stage and of `unet3d predict`
+# ---------------------------------------------------------------------------------------------------------
+def load_preprocessed_case(case_dir: str | Path) -> tuple[np.ndarray, CaseProperties]:
+    """A preprocessed case folder's image (1, X, Y, Z) float32 and its properties (props.json)."""
+    d = Path(case_dir)
+    meta = json.loads((d / "props.json").read_text())
+    props = CaseProperties.from_dict({k: meta[k] for k in CaseProperties.__dataclass_fields__ if k in meta})
+    return np.load(d / "image.npy"), props
+
+
+@dataclass
+class PredictionJob:
+    """One case to predict and where each stage's label map goes. The input is either the case's preprocessed
+    folders, one per stage (`case_dirs`, the pipeline), or a raw image file or DICOM folder (`image`,
+    `unet3d predict`); neither means the case was not preprocessed (quarantined) and it is skipped."""
+
+    case_id: str
+    targets: dict[str, Path]  # stage name -> output image file
+    case_dirs: list[Path] | None = None
+    image: str | Path | None = None
+    stage1_cache: Path | None = None  # cascade: stage 1's probabilities, read if present, else written
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    written: list[Path]
+    warnings: list[str]
+    resumed: bool = False  # every target existed: predicted before an interruption
+    error: str | None = None  # keep_going: why this case failed
+
+
+@dataclass
+class InferenceSummary:
+    outcomes: list[CaseOutcome]
+
+    @property
+    def predicted(self) -> int:
+        return sum(1 for o in self.outcomes if o.written)
+
+    @property
+    def resumed(self) -> int:
+        return sum(1 for o in self.outcomes if o.resumed)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for o in self.outcomes if o.error is not None)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{o.case_id}: {w}" for o in self.outcomes for w in o.warnings]
+
+
+def _job_inputs(job: PredictionJob, plans: Sequence[dict]) -> tuple[list[tuple[np.ndarray, CaseProperties]], Geometry]:
+    if job.case_dirs is not None:
+        inputs = [load_preprocessed_case(d) for d in job.case_dirs]
+        return inputs, Geometry.from_dict(inputs[0][1].original)
+    image = read_image(job.image)
+    if image.GetDimension() != 3:
+        raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
+    geometry = Geometry.of(image)
+    array = to_numpy(image)
+    return [preprocess_for_plan(array, geometry, plan) for plan in plans], geometry
+
+
+def _predict_job(job: PredictionJob, models: Sequence[StageModel], plans: Sequence[dict], overlap: float, tta: bool,
+                 batch_size: int) -> CaseOutcome:
+    inputs, geometry = _job_inputs(job, plans)
+    cache = job.stage1_cache
+    cached = np.load(cache).astype(np.float32) if cache is not None and cache.exists() else None
+    out, probs1 = cascade(inputs, models, overlap, tta, batch_size, stage1_probs=cached)
+    if cached is None and cache is not None:
+        with atomic_path(cache, suffix=".tmp.npy") as tmp:
+            np.save(tmp, probs1.astype(np.float16))
+    written = []
+    for name, labels in out.labels.items():
+        written.append(write_image_atomic(from_numpy(labels.astype(np.uint8), geometry), job.targets[name]))
+    return CaseOutcome(job.case_id, written, list(out.warnings))
+
+
+def infer_cases(jobs: Sequence[PredictionJob], models: Sequence[StageModel], plans: Sequence[dict],
+                overlap: float = 0.5, tta: bool = False, batch_size: int = 4, resume: bool = True,
+                keep_going: bool = False, progress: bool = True, desc: str = "infer") -> InferenceSummary:
+    """Predict every job through the cascade and write its label maps atomically.
+
+    resume: a job whose targets all exist was predicted before an interruption and is skipped.
+    keep_going: a failing case is recorded (CaseOutcome.error) and the others still run; otherwise it raises.
+    """
+    from tqdm.auto import tqdm
+
+    outcomes = []
+    for job in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False):
+        if resume and all(Path(p).exists() for p in job.targets.values()):
+            outcomes.append(CaseOutcome(job.case_id, [], [], resumed=True))
+            continue
+        if job.case_dirs is None and job.image is None:
+            outcomes.append(CaseOutcome(job.case_id, [], ["not preprocessed (quarantined?), skipped"]))
+            continue
+        try:
+            outcome = _predict_job(job, models, plans, overlap, tta, batch_size)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            outcome = CaseOutcome(job.case_id, [], [], error=" ".join(str(exc).split()) or type(exc).__name__)
+        for w in outcome.warnings:
+            log.warning("case %s: %s", job.case_id, w)
+        outcomes.append(outcome)
+    return InferenceSummary(outcomes)

@@ -1,0 +1,263 @@
+"""What each stage's cache key is made of: the one place to look it up (`key_ingest` ... `key_report`).
+
+A stage's key = hash(the content of its inputs, its config section, its code version):
+- inputs are content hashes read from the catalog (case file sha256s, statuses, split assignments) and the
+  keys of the upstream stages, never run ids or timestamps — so a nightly re-run with nothing new hits the
+  cache (Prefect's DEFAULT policy includes the run id and would recompute everything);
+- the config section is the validated section as JSON (runtime-only knobs such as worker counts are left out,
+  `RUNTIME_ONLY`);
+- the code version is a hash of the source files that implement the stage (`STAGE_SOURCES`), so changing the
+  trainer retrains, but editing the CLI does not. A listed file or function that does not exist is an error:
+  a renamed file must not silently stop invalidating the cache.
+
+Also here, because they are identities of the same kind: the folder identity of a stage's checkpoints (the
+train key without the budgets) and the identity of the stage-1 probability cache.
+How a cached result is trusted (completion markers, data-only results) is in flows/caching.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from data_catalog.hashing import sha256_file, stable_hash
+from data_catalog.splits import split_table
+from data_catalog.tables import Catalog
+from unet3d.config import PipelineConfig, StageConfig
+from unet3d.recipe import stage_time_budgets
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+STAGES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
+DOWNSTREAM = {s: STAGES[i:] for i, s in enumerate(STAGES)}
+
+# The code that defines each stage's output: whole library files, and from the wiring layer only the
+# functions of that stage (renaming a helper in flows/ must not retrain every model).
+STAGE_SOURCES = {
+    "ingest": ["data_catalog/ingest.py", "data_catalog/discover.py", "data_catalog/validate.py",
+               "data_catalog/tables.py", "data_catalog/hashing.py", "unet3d/io.py"],
+    "preprocess": ["data_catalog/preprocess.py", "data_catalog/plan.py", "data_catalog/case_worker.py",
+                   "data_catalog/store.py", "unet3d/resample.py", "unet3d/io.py"],
+    "split": ["data_catalog/splits.py"],
+    "train": ["unet3d/train.py", "unet3d/recipe.py", "unet3d/models.py", "unet3d/losses.py", "unet3d/augment.py",
+              "unet3d/sampling.py", "unet3d/labels.py", "unet3d/postprocess.py", "unet3d/sliding_window.py",
+              "flows.stages:run_train", "flows.stages:_train_spec", "flows.cache_keys:train_settings"],
+    "infer": ["unet3d/inference.py", "unet3d/postprocess.py", "unet3d/sliding_window.py", "unet3d/resample.py",
+              "flows.stages:run_infer", "flows.stages:_prediction_jobs"],
+    "evaluate": ["unet3d/evaluation.py", "unet3d/metrics.py", "unet3d/labels.py", "unet3d/report_tables.py",
+                 "flows.stages:run_evaluate"],
+    "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py",
+               "unet3d/labels.py", "flows.stages:run_report",
+               "flows.stages:_overlay_cases"],
+}
+
+# Config keys that change how fast a stage runs, not what it produces.
+RUNTIME_ONLY = {"preprocess": {"workers", "dask_address", "memory_limit"}, "train": {"threads", "device"},
+                "infer": {"batch_size"}}
+
+# What a stage's training budget is: part of the train key (a longer budget is a different model), not of
+# the checkpoint folder (raising max_epochs continues the run instead of starting over).
+BUDGET_KEYS = ("max_epochs", "time_limit_min")
+
+
+class MissingStageSource(LookupError):
+    """A file or function listed in STAGE_SOURCES does not exist (renamed or moved: update the list)."""
+
+
+def _source_bytes(stage: str, ref: str) -> bytes:
+    if ":" in ref:
+        module, name = ref.split(":")
+        try:
+            return inspect.getsource(getattr(importlib.import_module(module), name)).encode()
+        except (ImportError, AttributeError):
+            raise MissingStageSource(f"STAGE_SOURCES[{stage!r}] lists {ref}, which does not exist: update the "
+                                     f"list in flows/cache_keys.py") from None
+    path = PACKAGE_ROOT / ref
+    if not path.is_file():
+        raise MissingStageSource(f"STAGE_SOURCES[{stage!r}] lists {ref}, which does not exist: update the list in "
+                                 f"flows/cache_keys.py")
+    return path.read_bytes()
+
+
+@lru_cache(maxsize=None)
+def code_version(stage: str) -> str:
+    h = hashlib.sha256()
+    for ref in STAGE_SOURCES[stage]:
+        h.update(ref.encode())
+        h.update(_source_bytes(stage, ref))
+    return h.hexdigest()[:12]
+
+
+def config_part(stage: str, section: dict | list | None) -> Any:
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in RUNTIME_ONLY.get(stage, set())}
+    return section
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    return stable_hash({"stage": stage, "code": code_version(stage), "parts": parts}, 20)
+
+
+def _json(section) -> Any:
+    """A config section as the JSON data the keys have always been computed from."""
+    return section.model_dump(mode="json") if section is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Content fingerprints read from the catalog
+# ---------------------------------------------------------------------------------------------------------
+def source_fingerprint(source: str | None, labels_dir: str | None = None) -> str:
+    """Names, sizes and mtimes of every file under the source (and labels) folder: cheap, and any added,
+    removed or rewritten file changes it."""
+    h = hashlib.sha256()
+    for root in (source, labels_dir):
+        if not root:
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def cohort_fingerprint(workspace: str | Path, cohort: str) -> str:
+    """The cohort's cases as the catalog sees them: ids, content hashes, statuses, patients."""
+    cases = Catalog(workspace).cases(cohort=cohort)
+    cols = ["case_id", "patient_id", "image_sha256", "label_sha256", "status"]
+    rows = cases[cols].astype(str).sort_values("case_id").to_numpy().tolist() if len(cases) else []
+    return stable_hash(rows, 20)
+
+
+def split_fingerprint(workspace: str | Path, cohort: str) -> str:
+    splits = Catalog(workspace).read("splits")
+    splits = splits[splits["cohort"] == cohort]
+    rows = splits[["case_id", "split"]].sort_values("case_id").to_numpy().tolist() if len(splits) else []
+    return stable_hash(rows, 20)
+
+
+def content_rows(workspace: str | Path, cohort: str) -> list:
+    """Case contents (not statuses, which preprocessing itself may change) of the cohort's cases."""
+    cases = Catalog(workspace).cases(cohort=cohort)
+    cols = ["case_id", "image_sha256", "label_sha256"]
+    return cases[cols].astype(str).sort_values("case_id").to_numpy().tolist() if len(cases) else []
+
+
+def labelled_cases(workspace: str | Path, cfg: PipelineConfig):
+    """The cohort's labelled cases with their split, sorted by case id (what training and inference see)."""
+    df = split_table(workspace, cfg.cohort.name)
+    return df[df["label_path"].notna()].sort_values("case_id").reset_index(drop=True)
+
+
+def spacing_factors(cfg: PipelineConfig) -> tuple[float, ...]:
+    return tuple(sorted({float(s.spacing_factor) for s in cfg.resolved_stages()}))
+
+
+def plan_id_of(preprocess: dict, stage: StageConfig) -> str:
+    return preprocess["plan_ids"][str(float(stage.spacing_factor))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ingest, preprocess, split
+# ---------------------------------------------------------------------------------------------------------
+def key_ingest(workspace: str, cfg: PipelineConfig) -> str:
+    c = cfg.cohort
+    if not c.source:
+        return stage_key("ingest", c.name, "catalog", cohort_fingerprint(workspace, c.name))
+    return stage_key("ingest", c.name, source_fingerprint(c.source, c.labels_dir), c.modality,
+                     cfg.model_dump(mode="json")["labels"])
+
+
+def key_preprocess(workspace: str, cfg: PipelineConfig) -> str:
+    return stage_key("preprocess", content_rows(workspace, cfg.cohort.name),
+                     config_part("preprocess", _json(cfg.preprocess)), spacing_factors(cfg), cfg.cohort.modality)
+
+
+def key_split(workspace: str, cfg: PipelineConfig) -> str:
+    return stage_key("split", cohort_fingerprint(workspace, cfg.cohort.name), _json(cfg.split))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------
+def train_settings(cfg: PipelineConfig, stage: StageConfig) -> tuple[dict | None, dict]:
+    """(roi settings for a cascade's second stage, train config with the stage's overrides)."""
+    stages = cfg.resolved_stages()
+    roi = None
+    if stage.roi_from:
+        first = next(s for s in stages if s.name == stage.roi_from)
+        roi = {"label_values": sorted(first.label_map()), "margin_mm": stage.margin_mm}
+    train = _json(cfg.train)
+    if stage.max_epochs:
+        train["max_epochs"] = stage.max_epochs
+    index = [s.name for s in stages].index(stage.name)
+    train["time_limit_min"] = stage_time_budgets(cfg.train.time_limit_min, [s.time_limit_min for s in stages])[index]
+    if stage.patch_size:
+        train["patch_size"] = stage.patch_size
+    return roi, train
+
+
+def training_members(workspace: str, cfg: PipelineConfig) -> list:
+    """The (case, split, content hashes) rows the stages train and validate on."""
+    cases = labelled_cases(workspace, cfg)
+    members = cases[cases["split"].isin(["train", "val"])][["case_id", "split", "image_sha256", "label_sha256"]]
+    return members.astype(str).to_numpy().tolist()
+
+
+def key_train(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> str:
+    roi, train = train_settings(cfg, stage)
+    # Budgets (epochs, time) are part of the key: a longer budget is a different model. The trainer resumes
+    # a shorter run's checkpoints when only the budget grew (see TrainSpec.identity).
+    return stage_key("train", _json(stage), config_part("train", train), plan_id_of(preprocess, stage), roi,
+                     training_members(workspace, cfg))
+
+
+def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> str:
+    """The name tail of a stage's checkpoint folder: its data + stage + model config, not the budget."""
+    _roi, train = train_settings(cfg, stage)
+    identity = {k: v for k, v in config_part("train", train).items() if k not in BUDGET_KEYS}
+    stage_identity = {k: v for k, v in _json(stage).items() if k not in BUDGET_KEYS}
+    return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg)], 12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infer
+# ---------------------------------------------------------------------------------------------------------
+def key_infer(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict) -> str:
+    cases = labelled_cases(workspace, cfg)
+    chosen = cases[cases["split"].isin(cfg.infer.splits)][["case_id", "split", "image_sha256"]]
+    # the trained models by content too: `--refresh train` retrains under the same training key
+    models = [[t["key"], t.get("checkpoint_sha256")] for t in trains]
+    return stage_key("infer", models, config_part("infer", _json(cfg.infer)), preprocess["plan_ids"],
+                     [s.margin_mm for s in cfg.resolved_stages()], chosen.astype(str).to_numpy().tolist())
+
+
+def run_id_for(cfg: PipelineConfig, infer_key: str) -> str:
+    return f"{cfg.cohort.name}-{infer_key[:10]}"
+
+
+def stage1_cache_identity(cfg: PipelineConfig, first_model: dict, checkpoint: str | Path, plan_id: str) -> str:
+    """What changes stage 1's probabilities: the model (training key and checkpoint content), its plan, the
+    inference settings that change outputs (overlap, TTA) and the inference code."""
+    infer = {k: v for k, v in _json(cfg.infer).items() if k != "splits"}
+    return stable_hash({"train_key": first_model["key"], "checkpoint": sha256_file(checkpoint), "plan": plan_id,
+                        "infer": config_part("infer", infer), "code": code_version("infer")}, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluate, report
+# ---------------------------------------------------------------------------------------------------------
+def key_evaluate(cfg: PipelineConfig, infer: dict) -> str:
+    return stage_key("evaluate", infer["key"], _json(cfg.evaluate))
+
+
+def key_report(cfg: PipelineConfig, evaluate: dict) -> str:
+    return stage_key("report", evaluate["key"], _json(cfg.evaluate))

@@ -1,0 +1,65 @@
+"""Evaluation of a run's predictions: per case and stage, the metric rows and the lesion rows.
+
+Pure over files: prediction paths, reference paths and each stage's classes and label map in, rows out (the
+rows of the METRICS_SCHEMA and LESIONS_SCHEMA tables of unet3d/report.py, without the partition columns). The
+metrics themselves are computed in unet3d/metrics.py; this module only pairs predictions with references.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import metrics
+from .io import read_image, to_numpy
+from .labels import map_labels
+
+
+@dataclass(frozen=True)
+class EvaluatedStage:
+    name: str
+    classes: dict[int, str]
+    label_map: dict[int, int]  # source label value -> stage class index
+
+
+@dataclass
+class EvaluatedCase:
+    case_id: str
+    split: str
+    reference: str | Path
+    predictions: dict[str, Path] = field(default_factory=dict)  # stage name -> prediction file
+
+
+def read_reference(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A reference label image as int64 label values (a float label file is rounded) and its spacing."""
+    image = read_image(path)
+    labels = to_numpy(image)
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = np.round(labels)
+    return labels.astype(np.int64), image.GetSpacing()
+
+
+def evaluate_cases(cases: Sequence[EvaluatedCase], stages: Sequence[EvaluatedStage], cohort: str, model: str,
+                   connectivity: int = 26, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """(metric rows, lesion rows) of every case's existing predictions, stage by stage; `cohort` and `model`
+    (the architecture) fill those columns. A case without any prediction file gives no row."""
+    from tqdm.auto import tqdm
+
+    rows, lesion_rows = [], []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, leave=False):
+        reference = None
+        for stage in stages:
+            pred_path = case.predictions.get(stage.name)
+            if pred_path is None or not Path(pred_path).exists():
+                continue
+            if reference is None:  # read once per case, only when something is to be compared with it
+                reference, spacing = read_reference(case.reference)
+            ref = map_labels(reference, stage.label_map)
+            pred = to_numpy(read_image(pred_path))
+            base = {"cohort": cohort, "stage": stage.name, "model": model, "case_id": case.case_id, "split": case.split}
+            rows += [dict(base, **m) for m in metrics.case_metrics(pred, ref, spacing, stage.classes)]
+            lesion_rows += [dict(base, **m) for m in metrics.lesion_metrics(pred, ref, spacing, stage.classes,
+                                                                            connectivity=connectivity)]
+    return rows, lesion_rows
