@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from data_catalog import ingest as ingest_module
-from data_catalog.ingest import ISSUE_CODES, discover, ingest
+from data_catalog import validate as validate_module
+from data_catalog.discover import IngestError, discover
+from data_catalog.ingest import ingest
+from data_catalog.validate import ISSUE_CODES
 from data_catalog.tables import Catalog
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -149,8 +151,8 @@ def test_reingest_reads_only_new_or_changed_files(tmp_path, monkeypatch):
     before = Catalog(ws).cases(cohort="c").set_index("case_id")["ingested_at"]
 
     hashed = []
-    real = ingest_module.sha256_file
-    monkeypatch.setattr(ingest_module, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    real = validate_module.sha256_file
+    monkeypatch.setattr(validate_module, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
     second = ingest(root, "c", ws)
     assert (second.new, second.changed, second.unchanged) == (0, 0, 4)
     assert hashed == []  # nothing re-read
@@ -228,5 +230,5 @@ def test_dicom_series_each_series_is_a_case(tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(ingest_module.IngestError, match="does not exist"):
+    with pytest.raises(IngestError, match="does not exist"):
         ingest(tmp_path / "nope", "x", tmp_path / "ws")

@@ -16,7 +16,8 @@ import pytest
 import SimpleITK as sitk
 
 from data_catalog import ingest as ingest_module
-from data_catalog.ingest import ISSUE_CODES, ingest
+from data_catalog.ingest import ingest
+from data_catalog.validate import ISSUE_CODES
 from data_catalog.tables import Catalog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +81,8 @@ def test_a_tiny_file_claiming_a_huge_volume_is_refused_from_its_header(tmp_path)
         import json, resource, sys, time
         sys.path.insert(0, {str(REPO)!r})
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-        from data_catalog.ingest import SourceCase, inspect_case
+        from data_catalog.discover import SourceCase
+        from data_catalog.validate import inspect_case
         t0 = time.perf_counter()
         out = inspect_case(SourceCase("bomb", [{str(bomb)!r}], None), None)
         seconds = time.perf_counter() - t0

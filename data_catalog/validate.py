@@ -1,0 +1,282 @@
+"""Validation of one case (hash, read, check) and of the cohort as a whole (geometry outliers), as issue rows
+with stable codes (ISSUE_CODES). An `error` quarantines its case, a `warning` does not.
+
+inspect_case never raises for a bad case: every problem it finds becomes an issue row, so the rest of the
+cohort goes on. It runs in worker processes for large cohorts (data_catalog.ingest).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from unet3d.io import (Geometry, ImageTooLarge, detached_data_files, dicom_slice_positions, nifti_nonfinite_voxels,
+                       read_image, to_numpy)
+from unet3d.resample import canonical_axes
+
+from .discover import SourceCase, is_inside
+from .hashing import sha256_file, sha256_files, stat_fingerprint
+
+
+ERROR, WARNING = "error", "warning"
+
+# Stable issue codes. Users filter on these; never rename one.
+ISSUE_CODES = {
+    "label_missing": (ERROR, "image without label"),
+    "image_missing": (ERROR, "label without image"),
+    "unreadable": (ERROR, "file cannot be read or is truncated"),
+    "not_3d": (ERROR, "image is not a single-channel 3-D volume"),
+    "non_finite": (ERROR, "NaN or Inf voxels"),
+    "spacing_implausible": (ERROR, "voxel spacing is not a plausible number of millimetres"),
+    "size_mismatch": (ERROR, "image and label sizes differ"),
+    "spacing_mismatch": (ERROR, "image and label spacings differ"),
+    "origin_mismatch": (ERROR, "image and label origins differ"),
+    "direction_mismatch": (ERROR, "image and label directions differ"),
+    "label_non_integer": (ERROR, "label holds non-integer values"),
+    "label_undeclared": (ERROR, "label holds values that the cohort does not declare"),
+    "path_outside_cohort": (ERROR, "a dataset.json entry or a symlink resolves outside the cohort folder"),
+    "duplicate_case_id": (ERROR, "two sources map to the same case id"),
+    "label_empty": (WARNING, "label holds no foreground"),
+    "label_float_dtype": (WARNING, "label stored as floating point (values are integers)"),
+    "geometry_outlier": (WARNING, "size or spacing far from the cohort's median: likely another dataset"),
+    "preprocess_failed": (ERROR, "preprocessing raised an error"),
+    "dicom_slices_missing": (ERROR, "a DICOM series' slice positions are not evenly spaced (missing or extra slices)"),
+    "too_large": (ERROR, "the header claims more voxels than unet3d.io.MAX_IMAGE_VOXELS: refused before reading"),
+    "worker_died": (ERROR, "the process reading the case died (killed, e.g. out of memory); retried on re-ingest"),
+}
+
+# Tolerances for image/label geometry agreement.
+SPACING_RTOL = 1e-3
+ORIGIN_ATOL_FRACTION = 0.1  # of the finest spacing
+DIRECTION_ATOL = 1e-3
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+# A case is a geometry outlier when an axis' spacing differs from the cohort median by more than this factor,
+# or its physical extent by more than OUTLIER_EXTENT_FACTOR.
+OUTLIER_SPACING_FACTOR = 3.0
+OUTLIER_EXTENT_FACTOR = 4.0
+
+# A DICOM series' gap between neighbouring slices may differ from its median gap by this fraction at most.
+DICOM_SLICE_GAP_TOLERANCE = 0.1
+
+
+def issue_row(code: str, path: str | None, message: str) -> dict:
+    """A row of the issues table for `code` (its severity from ISSUE_CODES), less cohort, case and time."""
+    severity, _ = ISSUE_CODES[code]
+    return {"code": code, "severity": severity, "path": path, "message": message}
+
+
+def _check_spacing(spacing, path) -> list[dict]:
+    lo, hi = PLAUSIBLE_SPACING_MM
+    bad = [s for s in spacing if not np.isfinite(s) or s < lo or s > hi]
+    if bad:
+        return [issue_row("spacing_implausible", path, f"spacing {tuple(round(s, 6) for s in spacing)} mm is outside "
+                                                    f"[{lo}, {hi}] mm")]
+    return []
+
+
+def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> dict:
+    """Hash and validate one case. Returns the case's catalog fields and its issues (never raises)."""
+    out: dict = {"case_id": case.case_id, "issues": [issue_row(c, p, m) for c, p, m in case.issues]}
+    image_geometry = None
+    if case.image_files:
+        path = case.image_path
+        try:
+            out["image_sha256"] = sha256_file(case.image_files[0]) if len(case.image_files) == 1 and case.source_kind != "dicom" \
+                else sha256_files(case.image_files)
+            out["image_stat"] = stat_fingerprint(case.image_files)
+        except OSError as exc:
+            out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
+        if case.source_kind == "dicom":
+            out["issues"] += _check_dicom_slices(case.image_files, path)
+        image = _read_checked(case.image_files if case.source_kind == "dicom" else case.image_files[0], "image",
+                              path, case.roots, out["issues"])
+        if image is not None:
+            image_geometry = Geometry.of(image)
+            out.update(_geometry_fields(image_geometry))
+            out["pixel_type"] = image.GetPixelIDTypeAsString()
+            if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+                out["issues"].append(issue_row("not_3d", path, f"image {_not_3d_description(image)}"))
+            else:
+                out["issues"] += _check_spacing(image_geometry.spacing, path)
+                voxels = to_numpy(image)
+                n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) \
+                    if np.issubdtype(voxels.dtype, np.floating) else 0
+                if case.source_kind != "dicom":
+                    try:  # ITK reads NIfTI NaN as 0 and may accept a truncated .nii.gz: check the raw data
+                        n_bad = max(n_bad, nifti_nonfinite_voxels(case.image_files[0]) or 0)
+                    except ValueError as exc:
+                        out["issues"].append(issue_row("unreadable", path, str(exc)))
+                if n_bad:
+                    out["issues"].append(issue_row("non_finite", path, f"{n_bad} NaN/Inf voxels"))
+            del image
+    if case.label_path:
+        path = case.label_path
+        try:
+            out["label_sha256"] = sha256_file(path)
+            out["label_stat"] = stat_fingerprint([path])
+        except OSError as exc:
+            out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
+        label = _read_checked(path, "label", path, case.roots, out["issues"])
+        if label is not None:
+            lg = Geometry.of(label)
+            if image_geometry is None:
+                out.update(_geometry_fields(lg))  # an orphan label still gets its geometry reported
+                out["pixel_type"] = None
+            if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+                out["issues"].append(issue_row("not_3d", path, f"label {_not_3d_description(label)}"))
+            else:
+                if image_geometry is not None and image_geometry.ndim == 3:
+                    out["issues"] += _compare_geometry(image_geometry, lg, path)
+                out["issues"] += _check_label_values(to_numpy(label), declared_labels, path)
+                try:
+                    if nifti_nonfinite_voxels(path):
+                        out["issues"].append(issue_row("label_non_integer", path, "label holds NaN/Inf voxels"))
+                except ValueError as exc:
+                    out["issues"].append(issue_row("unreadable", path, str(exc)))
+    return out
+
+
+def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
+    """Slice positions of a DICOM series (from the headers) must be evenly spaced: a missing or unreadable
+    slice makes ITK read the series with a wrong spacing and only warn on stderr."""
+    try:
+        positions = np.sort(dicom_slice_positions(files))
+    except ValueError as exc:
+        return [issue_row("unreadable", path, str(exc))]
+    if len(positions) < 2:
+        return []
+    gaps = np.diff(positions)
+    spacing = float(np.median(gaps))
+    if spacing <= 0:
+        return [issue_row("dicom_slices_missing", path, f"{int((gaps == 0).sum())} slices share a position: "
+                                                     f"duplicated slices, not one volume")]
+    bad = np.flatnonzero(np.abs(gaps - spacing) > DICOM_SLICE_GAP_TOLERANCE * spacing)
+    if not len(bad):
+        return []
+    missing = int(round(float(np.sum(gaps[bad] / spacing - 1))))
+    i = int(bad[0])
+    return [issue_row("dicom_slices_missing", path,
+                   f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
+                   f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
+                   f"slice(s) missing); read as one volume its spacing would be wrong")]
+
+
+def _read_checked(source, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
+    """read_image, or None with an issue: a header naming a data file outside the cohort (path_outside_cohort,
+    not read), a header claiming too many voxels (too_large, refused before reading), or a read error."""
+    if roots and not isinstance(source, (list, tuple)):
+        try:
+            escaping = [f for f in detached_data_files(source) if not any(is_inside(Path(r), f) for r in roots)]
+        except OSError:
+            escaping = []  # the read below reports it
+        if escaping:
+            issues.append(issue_row("path_outside_cohort", path, f"the {what}'s header reads its voxels from "
+                                                              f"{escaping[0]}, outside the cohort folder: not read"))
+            return None
+    try:
+        return read_image(source)
+    except ImageTooLarge as exc:  # refused from the header, before any voxel is read
+        issues.append(issue_row("too_large", path, f"{what} {_first_line(exc)}"))
+    except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
+        issues.append(issue_row("unreadable", path, f"SimpleITK cannot read the {what}: {_first_line(exc)}"))
+    return None
+
+
+def _not_3d_description(image) -> str:
+    """"is 4-D (35x50x36x2: ...)": what a user calls the image's dimensionality. ITK reads the 4th axis of many
+    4-D files (NIfTI with a vector intent, arrays saved from numpy) as components per voxel; to the user those
+    are still a 4th dimension (time points or channels)."""
+    size = [int(s) for s in image.GetSize()]
+    components = int(image.GetNumberOfComponentsPerPixel())
+    shape = size + ([components] if components > 1 else [])
+    what = f"is {len(shape)}-D ({'x'.join(str(s) for s in shape)}"
+    if len(shape) > 3:
+        what += f": {shape[3]} time points or channels of {'x'.join(str(s) for s in shape[:3])}"
+    return what + "); expected a single 3-D volume (one channel)"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages start with file:line noise; the last non-empty line is usually the reason
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _geometry_fields(g) -> dict:
+    return {"size": list(g.size), "spacing_mm": list(g.spacing), "origin_mm": list(g.origin), "direction": list(g.direction)}
+
+
+def _compare_geometry(image, label, path) -> list[dict]:
+    issues = []
+    if tuple(image.size) != tuple(label.size):
+        issues.append(issue_row("size_mismatch", path, f"label size {label.size} != image size {image.size}"))
+    if not np.allclose(image.spacing, label.spacing, rtol=SPACING_RTOL, atol=0):
+        issues.append(issue_row("spacing_mismatch", path, f"label spacing {tuple(round(s, 5) for s in label.spacing)} != "
+                                                       f"image spacing {tuple(round(s, 5) for s in image.spacing)}"))
+    atol = ORIGIN_ATOL_FRACTION * min(image.spacing)
+    if not np.allclose(image.origin, label.origin, rtol=0, atol=atol):
+        issues.append(issue_row("origin_mismatch", path, f"label origin {tuple(round(o, 3) for o in label.origin)} != "
+                                                      f"image origin {tuple(round(o, 3) for o in image.origin)} "
+                                                      f"(tolerance {atol:.3g} mm)"))
+    if not np.allclose(image.direction, label.direction, rtol=0, atol=DIRECTION_ATOL):
+        issues.append(issue_row("direction_mismatch", path, f"label direction {tuple(round(d, 4) for d in label.direction)} "
+                                                         f"!= image direction {tuple(round(d, 4) for d in image.direction)}"))
+    return issues
+
+
+def _few(values: list, n: int = 8) -> str:
+    """A short list for a one-line message: the first n values and how many more."""
+    return str(values) if len(values) <= n else f"[{', '.join(str(v) for v in values[:n])}, ... ({len(values)} values)]"
+
+
+def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, path: str) -> list[dict]:
+    issues = []
+    if np.issubdtype(values.dtype, np.floating):
+        finite = np.isfinite(values)
+        if not finite.all() or not np.array_equal(values[finite], np.round(values[finite])):
+            bad = values[~finite] if not finite.all() else values[values != np.round(values)]
+            return [issue_row("label_non_integer", path, f"{bad.size} label voxels are not integers "
+                                                      f"(e.g. {float(bad.ravel()[0]):.4g})")]
+        issues.append(issue_row("label_float_dtype", path, f"label stored as {values.dtype}; its values are integers"))
+        values = values.astype(np.int64)
+    present = np.unique(values)
+    allowed = set(declared) if declared else None
+    if allowed is not None:
+        allowed.add(0)
+        undeclared = [int(v) for v in present if int(v) not in allowed]
+        if undeclared:
+            issues.append(issue_row("label_undeclared", path, f"label values {_few(undeclared)} are not declared "
+                                                           f"(declared: {sorted(allowed)})"))
+    elif (present < 0).any():
+        issues.append(issue_row("label_undeclared", path, f"negative label values {_few([int(v) for v in present if v < 0])}"
+                                                       f" (an image, not a mask?)"))
+    if not (present != 0).any():
+        issues.append(issue_row("label_empty", path, "label holds only background (0)"))
+    return issues
+
+
+def geometry_outliers(rows: list[dict]) -> dict[str, str]:
+    """Cases whose canonical spacing or physical extent is far from the cohort median -> message."""
+    canon = {}
+    for row in rows:
+        spacing, direction = row.get("spacing_mm"), row.get("direction")
+        if spacing is None or direction is None or len(spacing) != 3 or len(direction) != 9:
+            continue
+        perm, _ = canonical_axes(np.asarray(row["direction"]).reshape(3, 3))
+        spacing = np.asarray(row["spacing_mm"])[list(perm)]
+        extent = spacing * np.asarray(row["size"])[list(perm)]
+        canon[row["case_id"]] = (spacing, extent, row)
+    if len(canon) < 5:
+        return {}
+    med_spacing = np.median([s for s, _, _ in canon.values()], axis=0)
+    med_extent = np.median([e for _, e, _ in canon.values()], axis=0)
+    out = {}
+    for cid, (spacing, extent, row) in canon.items():
+        sr = np.maximum(spacing / med_spacing, med_spacing / spacing)
+        er = np.maximum(extent / med_extent, med_extent / extent)
+        if (sr > OUTLIER_SPACING_FACTOR).any() or (er > OUTLIER_EXTENT_FACTOR).any():
+            out[cid] = (f"size {tuple(row['size'])} at spacing {tuple(round(s, 3) for s in row['spacing_mm'])} mm, "
+                        f"extent {tuple(round(float(e)) for e in extent)} mm, vs the cohort's median spacing "
+                        f"{tuple(round(float(s), 3) for s in med_spacing)} mm and extent "
+                        f"{tuple(round(float(e)) for e in med_extent)} mm")
+    return out
