@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -66,27 +67,77 @@ def test_a_new_plan_invalidates_every_case(tmp_path):
         assert image.shape[1:] == tuple(props["resampled_shape"]) and image.dtype == np.float32
 
 
+# Child code for the SIGKILL test: every case the preprocessing stage maps is run through stall_before_publishing.
+# Once two cases are complete, the next one is written in full under its temporary name and stopped just before
+# the rename that publishes it; the worker writes the number of complete cases on the fifo READY and waits for
+# the SIGKILL. (The function is defined in __main__, so Dask ships it to the worker process by value.)
+STALL_BEFORE_THIRD_CASE_APPEARS = r"""
+import functools
+import os
+import signal
+from pathlib import Path
+
+import data_catalog.preprocess as preprocess
+from data_catalog.preprocess import run_preprocessing
+
+
+def stall_before_publishing(func, case, plan, plan_dir):
+    done = [d for d in Path(plan_dir).iterdir() if not d.name.startswith(".") and (d / "props.json").exists()]
+    if len(done) >= 2:
+        rename = os.rename
+
+        def publish_never(src, dst, *args, **kwargs):
+            if Path(dst).parent != Path(plan_dir):
+                return rename(src, dst, *args, **kwargs)
+            with open(READY, "w") as fifo:
+                fifo.write(f"{len(done)}\n")
+            while True:
+                signal.pause()
+
+        os.rename = publish_never
+    return func(case, plan, plan_dir)
+
+
+map_cases = preprocess.map_cases
+
+
+def map_cases_stalling(func, items, *args, **kwargs):
+    return map_cases(functools.partial(stall_before_publishing, func), items, *args, **kwargs)
+
+
+preprocess.map_cases = map_cases_stalling
+"""
+
+
 def test_sigkill_midway_leaves_nothing_partial_and_the_rerun_completes(tmp_path):
     src, ws = _cohort(tmp_path, 14, shape=(96, 96, 48)), tmp_path / "ws"
     ingest(src, "demo", ws)
+    ready = tmp_path / "ready"
+    os.mkfifo(ready)
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from data_catalog.preprocess import run_preprocessing\n"
+              f"READY = {str(ready)!r}\n"
+              + STALL_BEFORE_THIRD_CASE_APPEARS +
               "if __name__ == '__main__':\n"
               f"    run_preprocessing({str(ws)!r}, 'demo', {dict(CONFIG, workers=1, target_spacing=[0.9, 0.9, 0.9])!r},"
               " progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, cwd=tmp_path)
     root = ws / "preprocessed" / "demo"
-    deadline = time.time() + 240
-    killed_with = None
-    while time.time() < deadline and proc.poll() is None:
-        done = [d for d in root.glob("*/*__*") if (d / "props.json").exists()]
-        if len(done) >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and the worker processes
-            killed_with = len(done)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
+    # Opened read-write so that opening does not block and the child's write finds a reader. The kill follows the
+    # child's message; the one-second select only notices a child that ended without reaching the crash point.
+    fifo = os.open(ready, os.O_RDWR)
+    reported = b""
+    try:
+        deadline = time.monotonic() + 240
+        while not reported.endswith(b"\n") and proc.poll() is None and time.monotonic() < deadline:
+            if select.select([fifo], [], [], 1.0)[0]:
+                reported += os.read(fifo, 64)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the client, the scheduler and the worker processes
+        proc.wait(timeout=60)
+        os.close(fifo)
+    killed_with = int(reported) if reported.endswith(b"\n") else None
     assert killed_with is not None and killed_with < 14, "preprocessing finished before it could be killed"
+    assert list(root.glob("*/.tmp-*")), "the kill did not land while a case was half published"
 
     result = run_preprocessing(ws, "demo", dict(CONFIG, target_spacing=[0.9, 0.9, 0.9]), progress=False)
     assert not result.failed

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,36 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+# Run in a child: training through the CLI entry point, with its checkpoint writer wrapped so that epoch 2's latest
+# checkpoint is killed mid-write (its temporary file written, not yet renamed into place). The child prints the
+# epoch of the last complete checkpoint and waits for the SIGKILL.
+KILL_MID_CHECKPOINT = r"""
+import signal
+import sys
+
+import torch
+
+import unet3d.train as train
+from unet3d.io import atomic_path
+
+save_torch_atomic = train.save_torch_atomic
+
+
+def save_or_stall(obj, path):
+    if path.name == "checkpoint_latest.pt" and obj["epoch"] == 2:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+            print(obj["epoch"] - 1, flush=True)
+            while True:
+                signal.pause()
+    save_torch_atomic(obj, path)
+
+
+train.save_torch_atomic = save_or_stall
+sys.exit(train.main([sys.argv[1], "--no-progress"]))
+"""
+
+
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     spec_a = tiny_spec(tmp_path / "a_data", tmp_path / "a_out")
     result_a = train(spec_a, progress=False)
@@ -97,27 +127,25 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     spec_b = tiny_spec(tmp_path / "b_data", tmp_path / "b_out")
     spec_path = tmp_path / "spec_b.json"
     spec_path.write_text(spec_b.to_json())
-    proc = subprocess.Popen([sys.executable, "-m", "unet3d.train", str(spec_path), "--no-progress"], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = Path(spec_b.out_dir) / "checkpoint_latest.pt"
-    killed_after = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists():
-            try:
-                killed_after = int(torch.load(latest, map_location="cpu", weights_only=True)["epoch"])
-            except Exception:  # caught mid-rename: try again
-                time.sleep(0.02)
-                continue
-            if killed_after >= 1:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
+    # The child stops itself at the crash point and says so on stdout; it is killed only then, so the kill can
+    # neither come too late (training finished) nor land at a random moment.
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_CHECKPOINT, str(spec_path)], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        # select only bounds a hung child; the line itself arrives at the crash point ("" if the child ended)
+        reported = proc.stdout.readline() if select.select([proc.stdout], [], [], 300)[0] else ""
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    killed_after = int(reported) if reported.strip() else None
     assert killed_after is not None and killed_after < 3, "training finished before it could be killed"
+    out_b = Path(spec_b.out_dir)
+    assert list(out_b.glob(".checkpoint_latest.pt.*")), "the kill did not land mid-write of a checkpoint"
 
     result_b = train(spec_b, progress=False)
     assert result_b.resumed_from_epoch is not None and result_b.resumed_from_epoch >= killed_after  # <= 1 epoch lost
+    assert not list(out_b.glob(".checkpoint_latest.pt.*"))  # the killed writer's temporary was removed
     wa, wb = _weights(Path(result_a.latest_checkpoint)), _weights(Path(result_b.latest_checkpoint))
     assert wa.keys() == wb.keys()
     for name in wa:
