@@ -7,6 +7,7 @@ array axes, `size` and `spacing` all share one order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -286,10 +287,28 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_full(exc)
+        if full is not None:  # the user is told what happened and what was being written, in one line
+            raise OSError(exc.errno or errno.ENOSPC, f"{full} while writing {path}") from exc
         raise
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What a full disk looks like to a writer ("disk full (No space left on device)"), or None. numpy's
+    short write ("53760 requested and 6112 written") carries no errno but means the same."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno == errno.ENOSPC:
+        return f"disk full ({os.strerror(errno.ENOSPC)})"
+    if exc.errno == errno.EDQUOT:
+        return f"disk full ({os.strerror(errno.EDQUOT)})"
+    text = str(exc)
+    if exc.errno is None and "requested and" in text and "written" in text:
+        return f"disk full (short write: {' '.join(text.split())})"
+    return None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
