@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet3d.io import Geometry, read_image, to_numpy, write_json_atomic
+from unet3d.io import Geometry, read_case_image, read_image, to_numpy, write_json_atomic
 from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox, plan_normalisation,
                              preprocess_consuming)
 
@@ -115,7 +115,7 @@ def _single_thread_itk() -> None:
 
 def _read_case(case: dict) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
     files = list(case["image_files"]) if case.get("image_files") is not None else [case["image_path"]]
-    image = read_image(files if case.get("source_kind") == "dicom" else files[0])
+    image = read_case_image(files, dicom=case.get("source_kind") == "dicom")
     geometry = Geometry.of(image)
     voxels = to_numpy(image)
     del image

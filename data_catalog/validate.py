@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.io import (Geometry, ImageTooLarge, detached_data_files, dicom_slice_positions, nifti_nonfinite_voxels,
-                       read_image, to_numpy)
+                       read_case_image, to_numpy)
 from unet3d.resample import canonical_axes
 
 from .discover import SourceCase, is_inside
@@ -89,8 +89,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
         if case.source_kind == "dicom":
             out["issues"] += _check_dicom_slices(case.image_files, path)
-        image = _read_checked(case.image_files if case.source_kind == "dicom" else case.image_files[0], "image",
-                              path, case.roots, out["issues"])
+        image = _read_checked(case.image_files, case.source_kind == "dicom", "image", path, case.roots, out["issues"])
         if image is not None:
             image_geometry = Geometry.of(image)
             out.update(_geometry_fields(image_geometry))
@@ -117,7 +116,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["label_stat"] = stat_fingerprint([path])
         except OSError as exc:
             out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
-        label = _read_checked(path, "label", path, case.roots, out["issues"])
+        label = _read_checked([path], False, "label", path, case.roots, out["issues"])
         if label is not None:
             lg = Geometry.of(label)
             if image_geometry is None:
@@ -162,12 +161,13 @@ def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
                    f"slice(s) missing); read as one volume its spacing would be wrong")]
 
 
-def _read_checked(source, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
-    """read_image, or None with an issue: a header naming a data file outside the cohort (path_outside_cohort,
-    not read), a header claiming too many voxels (too_large, refused before reading), or a read error."""
-    if roots and not isinstance(source, (list, tuple)):
+def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
+    """read_case_image, or None with an issue: a header naming a data file outside the cohort
+    (path_outside_cohort, not read), a header claiming too many voxels (too_large, refused before reading), or a
+    read error."""
+    if roots and not dicom:
         try:
-            escaping = [f for f in detached_data_files(source) if not any(is_inside(Path(r), f) for r in roots)]
+            escaping = [f for f in detached_data_files(files[0]) if not any(is_inside(Path(r), f) for r in roots)]
         except OSError:
             escaping = []  # the read below reports it
         if escaping:
@@ -175,7 +175,7 @@ def _read_checked(source, what: str, path: str, roots: tuple[str, ...], issues: 
                                                               f"{escaping[0]}, outside the cohort folder: not read"))
             return None
     try:
-        return read_image(source)
+        return read_case_image(files, dicom)
     except ImageTooLarge as exc:  # refused from the header, before any voxel is read
         issues.append(issue_row("too_large", path, f"{what} {_first_line(exc)}"))
     except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message

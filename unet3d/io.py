@@ -453,3 +453,13 @@ def _nifti_layout(raw: bytes) -> tuple[int, np.dtype, int] | None:
         return None
     n = int(np.prod([max(int(d), 1) for d in dims[1:1 + int(dims[0])]], dtype=object))
     return n, np.dtype(f"{order}{_NIFTI_DTYPES[code]}"), max(offset, 0)
+
+
+def read_case_image(image_files: Sequence[str | Path], dicom: bool, max_voxels: int | None = None) -> sitk.Image:
+    """A case's image as the catalog lists it (`image_files`): the slice files of a DICOM series, in series
+    order, read as one volume; otherwise its one image file. The one place that turns a case's file list into
+    an image (ingest validation and preprocessing both read cases through it)."""
+    files = [str(f) for f in image_files]
+    if not files:
+        raise ValueError("the case lists no image file")
+    return read_image(files if dicom else files[0], max_voxels)
