@@ -30,7 +30,7 @@ from . import cache_keys as K  # noqa: E402
 from . import stages as S  # noqa: E402
 from .cache_keys import DOWNSTREAM, STAGES  # noqa: E402
 from .caching import marker_valid, to_data  # noqa: E402
-from .preflight import preflight  # noqa: E402
+from .preflight import check_patch_fits_cohort, preflight  # noqa: E402
 from .results import DataOnlyJSON, result_storage  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,6 +225,8 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
     results["ingest"] = ingest_flow(ws, cfg, refresh_list)
+    # a cohort's first run: its image sizes are known only now, still before preprocessing or training
+    check_patch_fits_cohort(cfg.model_dump(mode="json"), ws)
     if last >= 1:
         results["preprocess"] = preprocess_flow(ws, cfg, refresh_list)
     if last >= 2:

@@ -3,6 +3,10 @@ before any stage writes anything: by `unet3d run`/stage commands before Prefect 
 when it registers the deployment (not at 2 am), and by the pipeline flow itself (a deployment's run).
 
 Each failure is a ConfigError with one line naming the key. Reads only: no file is written.
+
+`check_patch_fits_cohort` needs the cohort's image sizes, which the catalog has once the cohort is ingested:
+preflight runs it when the cohort is already there, and the pipeline runs it again right after ingestion (a
+first run), before preprocessing.
 """
 from __future__ import annotations
 
@@ -83,6 +87,53 @@ def check_catalog_cohort(workspace: str, cfg: dict) -> None:
                           f"(give cohort.source or run `unet3d ingest SOURCE --cohort {name}` first)")
 
 
+# The planner rounds a patch up to a multiple of the network's downsampling (nnU-Net plans 40x56x40 for
+# 35x50x36 hippocampus images): a patch is refused only beyond that rounding of the largest image.
+PATCH_MULTIPLE = 8
+
+
+def check_patch_fits_cohort(cfg: dict, workspace: str) -> None:
+    """A patch set in the config (train.patch_size, a stage's patch_size) is at most the cohort's largest
+    image after resampling to the stage's spacing, rounded up to a multiple of 8, on every axis. A larger
+    patch is padding along that axis in every case: refused before any training time is spent on it
+    (nnU-Net never plans a patch beyond the median image; a patch set by hand may exceed the median, since
+    images vary, but not the largest). Sizes and spacings are the catalog's (headers), the target spacing the
+    one the preprocessing plan takes from them; nothing to check before the cohort is ingested."""
+    import numpy as np
+
+    from data_catalog.plan import header_fingerprints, make_plan
+    from data_catalog.tables import Catalog
+    from unet3d.config import PipelineConfig
+
+    stages = PipelineConfig.model_validate(cfg).resolved_stages()
+    train_patch = (cfg.get("train") or {}).get("patch_size")
+    patches = [(f"stages[{i}].patch_size" if s.patch_size else "train.patch_size", list(s.patch_size or train_patch), s)
+               for i, s in enumerate(stages) if s.patch_size or train_patch]
+    if not patches:
+        return
+    name = cfg["cohort"]["name"]
+    cases = Catalog(workspace).cases(cohort=name, status="ok")
+    if cases.empty:
+        return
+    fingerprints = header_fingerprints(cases)
+    # the plan's target spacing needs only the spacings (the normalisation is not planned here)
+    plan = make_plan(fingerprints, "other", {**(cfg.get("preprocess") or {}), "normalisation": "zscore"})
+    extents_mm = np.array([np.asarray(f["canonical_shape"]) * np.asarray(f["canonical_spacing"]) for f in fingerprints])
+    for key, patch, stage in patches:
+        spacing = np.asarray(plan["target_spacing"]) * float(stage.spacing_factor)
+        sizes = np.round(extents_mm / spacing).astype(int)
+        largest = sizes.max(axis=0)
+        limit = [max(PATCH_MULTIPLE, int(-(-n // PATCH_MULTIPLE) * PATCH_MULTIPLE)) for n in largest]
+        over = [axis for axis, (p, lim) in enumerate(zip(patch, limit)) if p > lim]
+        if over:
+            axes = ("axis " if len(over) == 1 else "axes ") + ", ".join("xyz"[a] for a in over)
+            raise ConfigError(
+                f"{key}: {patch} is larger than every image of cohort {name!r} on {axes} for stage "
+                f"{stage.name} ({len(cases)} cases at {[round(float(s), 3) for s in spacing]} mm: largest "
+                f"{[int(n) for n in largest]} voxels, median {[int(n) for n in np.median(sizes, axis=0)]}); "
+                f"use at most {limit}, or leave patch_size unset to have it planned from the data")
+
+
 def preflight(cfg: dict, workspace: str | None = None) -> None:
     """Every check that needs more than the config itself; raises ConfigError naming the key."""
     from unet3d.config import PipelineConfig
@@ -92,3 +143,4 @@ def preflight(cfg: dict, workspace: str | None = None) -> None:
     check_labels_against_source(cfg)
     if workspace is not None:
         check_catalog_cohort(workspace, cfg)
+        check_patch_fits_cohort(cfg, workspace)
