@@ -71,7 +71,7 @@ def _check_spacing(spacing, path) -> list[dict]:
     bad = [s for s in spacing if not np.isfinite(s) or s < lo or s > hi]
     if bad:
         return [issue_row("spacing_implausible", path, f"spacing {tuple(round(s, 6) for s in spacing)} mm is outside "
-                                                    f"[{lo}, {hi}] mm")]
+                                                       f"[{lo}, {hi}] mm")]
     return []
 
 
@@ -149,16 +149,16 @@ def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
     spacing = float(np.median(gaps))
     if spacing <= 0:
         return [issue_row("dicom_slices_missing", path, f"{int((gaps == 0).sum())} slices share a position: "
-                                                     f"duplicated slices, not one volume")]
+                                                        f"duplicated slices, not one volume")]
     bad = np.flatnonzero(np.abs(gaps - spacing) > DICOM_SLICE_GAP_TOLERANCE * spacing)
     if not len(bad):
         return []
     missing = int(round(float(np.sum(gaps[bad] / spacing - 1))))
     i = int(bad[0])
     return [issue_row("dicom_slices_missing", path,
-                   f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
-                   f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
-                   f"slice(s) missing); read as one volume its spacing would be wrong")]
+                      f"slice positions are not evenly spaced: a gap of {gaps[i]:.4g} mm after {positions[i]:.4g} mm "
+                      f"where the series' spacing is {spacing:.4g} mm ({len(bad)} uneven gap(s), about {max(missing, 0)} "
+                      f"slice(s) missing); read as one volume its spacing would be wrong")]
 
 
 def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
@@ -172,7 +172,7 @@ def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tu
             escaping = []  # the read below reports it
         if escaping:
             issues.append(issue_row("path_outside_cohort", path, f"the {what}'s header reads its voxels from "
-                                                              f"{escaping[0]}, outside the cohort folder: not read"))
+                                                                 f"{escaping[0]}, outside the cohort folder: not read"))
             return None
     try:
         return read_case_image(files, dicom)
@@ -212,15 +212,15 @@ def _compare_geometry(image, label, path) -> list[dict]:
         issues.append(issue_row("size_mismatch", path, f"label size {label.size} != image size {image.size}"))
     if not np.allclose(image.spacing, label.spacing, rtol=SPACING_RTOL, atol=0):
         issues.append(issue_row("spacing_mismatch", path, f"label spacing {tuple(round(s, 5) for s in label.spacing)} != "
-                                                       f"image spacing {tuple(round(s, 5) for s in image.spacing)}"))
+                                                          f"image spacing {tuple(round(s, 5) for s in image.spacing)}"))
     atol = ORIGIN_ATOL_FRACTION * min(image.spacing)
     if not np.allclose(image.origin, label.origin, rtol=0, atol=atol):
         issues.append(issue_row("origin_mismatch", path, f"label origin {tuple(round(o, 3) for o in label.origin)} != "
-                                                      f"image origin {tuple(round(o, 3) for o in image.origin)} "
-                                                      f"(tolerance {atol:.3g} mm)"))
+                                                         f"image origin {tuple(round(o, 3) for o in image.origin)} "
+                                                         f"(tolerance {atol:.3g} mm)"))
     if not np.allclose(image.direction, label.direction, rtol=0, atol=DIRECTION_ATOL):
         issues.append(issue_row("direction_mismatch", path, f"label direction {tuple(round(d, 4) for d in label.direction)} "
-                                                         f"!= image direction {tuple(round(d, 4) for d in image.direction)}"))
+                                                            f"!= image direction {tuple(round(d, 4) for d in image.direction)}"))
     return issues
 
 
@@ -236,7 +236,7 @@ def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, pat
         if not finite.all() or not np.array_equal(values[finite], np.round(values[finite])):
             bad = values[~finite] if not finite.all() else values[values != np.round(values)]
             return [issue_row("label_non_integer", path, f"{bad.size} label voxels are not integers "
-                                                      f"(e.g. {float(bad.ravel()[0]):.4g})")]
+                                                         f"(e.g. {float(bad.ravel()[0]):.4g})")]
         issues.append(issue_row("label_float_dtype", path, f"label stored as {values.dtype}; its values are integers"))
         values = values.astype(np.int64)
     present = np.unique(values)
@@ -246,10 +246,10 @@ def _check_label_values(values: np.ndarray, declared: dict[int, str] | None, pat
         undeclared = [int(v) for v in present if int(v) not in allowed]
         if undeclared:
             issues.append(issue_row("label_undeclared", path, f"label values {_few(undeclared)} are not declared "
-                                                           f"(declared: {sorted(allowed)})"))
+                                                              f"(declared: {sorted(allowed)})"))
     elif (present < 0).any():
         issues.append(issue_row("label_undeclared", path, f"negative label values {_few([int(v) for v in present if v < 0])}"
-                                                       f" (an image, not a mask?)"))
+                                                          f" (an image, not a mask?)"))
     if not (present != 0).any():
         issues.append(issue_row("label_empty", path, "label holds only background (0)"))
     return issues
