@@ -18,6 +18,11 @@ from pathlib import Path
 from unet3d.io import dicom_series, is_image_file, read_dicom_tags, strip_image_suffix
 
 
+# A case id becomes file and folder names (CASE__<16 hex>, CASE.nii.gz): with their suffixes they must stay under
+# the 255-byte limit of common file systems.
+MAX_CASE_ID_BYTES = 200
+
+
 class IngestError(Exception):
     """The source as a whole cannot be ingested (missing folder, unreadable dataset.json ...)."""
 
@@ -80,7 +85,34 @@ def discover(source: str | Path, labels: str | Path | None = None) -> Source:
     roots = (str(root),) + ((str(labels_dir),) if labels_dir is not None and src.kind != "msd" else ())
     for case in src.cases:
         case.roots = roots
+    _check_case_names(src.cases)
     return src
+
+
+def _check_case_names(cases: list[SourceCase]) -> None:
+    """Names the catalog or the workspace cannot hold. A file name that is not UTF-8 cannot be stored at all
+    (Parquet strings are UTF-8): the ingest is refused naming the file. A case id too long for a file name, or
+    one differing from another only in letter case (one file on macOS, Windows and SMB shares), is an issue of
+    its case."""
+    first_of: dict[str, str] = {}  # case-folded id -> the first case id
+    for case in cases:
+        for name in [*(case.image_files or []), case.label_path or "", *(p for _, p, _ in case.issues), case.case_id]:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+                raise IngestError(f"{shown}: the file name is not valid UTF-8 and the catalog stores names as UTF-8: "
+                                  f"rename the file (e.g. convmv -f latin1 -t utf8)") from None
+        where = case.image_path or case.label_path or ""
+        if len(case.case_id.encode("utf-8")) > MAX_CASE_ID_BYTES:
+            case.issues.append(("case_id_too_long", where, f"case id {case.case_id[:40]}... is "
+                                f"{len(case.case_id.encode('utf-8'))} bytes, more than {MAX_CASE_ID_BYTES}: it becomes "
+                                f"file names in the workspace (rename the file)"))
+        first = first_of.setdefault(case.case_id.casefold(), case.case_id)
+        if first != case.case_id:
+            case.issues.append(("duplicate_case_id", where, f"case ids {first} and {case.case_id} differ only in "
+                                f"letter case: on a case-insensitive file system (macOS, Windows, SMB shares) their "
+                                f"files in the workspace are the same files"))
 
 
 def _case_id_from_file(path: Path) -> str:
@@ -91,17 +123,26 @@ def _case_id_from_file(path: Path) -> str:
     return stem
 
 
+def _resolve(path: Path) -> Path:
+    """path.resolve(), or the path itself for a symlink loop (where resolve raises): the case then holds a file
+    that cannot be read and is reported unreadable, instead of ending the ingest."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return path
+
+
 def is_inside(root: Path, path: Path) -> bool:
     """Whether `path`, its symlinks resolved, lies inside the folder `root`."""
     try:
-        path.resolve().relative_to(root)
+        _resolve(path).relative_to(root)
         return True
     except ValueError:
         return False
 
 
 def _outside_issue(root: Path, link: Path) -> tuple[str, str, str]:
-    return ("path_outside_cohort", str(link), f"{link.relative_to(link.parent.parent)} is a symlink to {link.resolve()}, "
+    return ("path_outside_cohort", str(link), f"{link.relative_to(link.parent.parent)} is a symlink to {_resolve(link)}, "
                                               f"outside the cohort folder {root}: not read (copy the file into the folder)")
 
 
@@ -145,8 +186,9 @@ def _discover_msd(root: Path) -> Source:
     notes = []
     if (root / "dataset.json").exists():
         try:
-            meta = json.loads((root / "dataset.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            # JSON is UTF-8 (RFC 8259); the locale's encoding may be ASCII (GDCM sets the C locale)
+            meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
             raise IngestError(f"{root / 'dataset.json'}: cannot be parsed: {exc}") from exc
     else:
         meta = {}
@@ -202,7 +244,7 @@ def _discover_msd(root: Path) -> Source:
                     case.issues.append(("path_outside_cohort", str(rel),
                                         f"dataset.json {'label' if is_label else 'image'} entry {rel!r} resolves outside {root}"))
                     continue
-                path = path.resolve()
+                path = _resolve(path)
                 (seen_labels if is_label else seen_images).add(path)
                 if is_label:
                     if path.exists():
@@ -218,7 +260,7 @@ def _discover_msd(root: Path) -> Source:
                         v2 = path.parent / (strip_image_suffix(path.name) + "_0000" + file_ending)
                         if v2.exists():
                             case.image_files = [str(v2)]
-                            seen_images.add(v2.resolve())
+                            seen_images.add(_resolve(v2))
                         else:
                             case.issues.append(("image_missing", str(path),
                                                 f"dataset.json lists image {rel} but the file does not exist"))
@@ -235,7 +277,7 @@ def _discover_msd(root: Path) -> Source:
         for p in sorted(labels_dir.glob("*")):
             if is_image_file(p):
                 labels_by_id.setdefault(_case_id_from_file(p), p)
-    unlisted_images = sorted(p for p in images_dir.glob("*") if is_image_file(p) and p.resolve() not in seen_images) \
+    unlisted_images = sorted(p for p in images_dir.glob("*") if is_image_file(p) and _resolve(p) not in seen_images) \
         if images_dir.is_dir() else []
     for link in unlisted_images:
         cid = _case_id_from_file(link)
@@ -246,22 +288,22 @@ def _discover_msd(root: Path) -> Source:
         if not is_inside(root, link):
             case.issues.append(_outside_issue(root, link))
             continue
-        image = link.resolve()
+        image = _resolve(link)
         case.image_files = [str(image)]
         label = labels_dir / (cid + file_ending)
         if not label.exists():
             label = labels_by_id.get(cid, label)
         if label.exists():
-            seen_labels.add(label.resolve())
+            seen_labels.add(_resolve(label))
             if is_inside(root, label):
-                case.label_path = str(label.resolve())
+                case.label_path = str(_resolve(label))
             else:
                 case.issues.append(_outside_issue(root, label))
         else:
             case.issues.append(("label_missing", str(image), f"image {link.name} has no label in labelsTr/"))
     if labels_dir.is_dir():
         for link in sorted(p for p in labels_dir.glob("*") if is_image_file(p)):
-            label = link.resolve()
+            label = _resolve(link)
             if label in seen_labels:
                 continue
             cid = _case_id_from_file(link)
@@ -290,7 +332,12 @@ def _image_files(folder: Path) -> list[tuple[Path, Path | None]]:
                 continue
             path = folder / entry.name
             if entry.is_symlink():
-                if not entry.is_file():  # broken, or a folder
+                try:
+                    is_file = entry.is_file()
+                except OSError:  # a symlink loop (ELOOP)
+                    is_file = False
+                if not is_file:  # broken, a loop, or a folder: kept, so that its case is reported unreadable
+                    out.append((path, path))
                     continue
                 out.append((path, path.resolve() if is_inside(folder, path) else None))
             elif entry.is_file(follow_symlinks=False):
@@ -411,7 +458,9 @@ def _discover_dicom(root: Path, labels_dir: Path | None) -> Source:
         except RuntimeError:
             continue
         placed = {Path(f).name for _, slices in series for f in slices}
-        broken = sorted(f for f in files if f not in placed and _dicom_magic(Path(folder) / f))
+        # a file named .dcm that is not DICOM (an error page saved by a download) is a slice that is not there
+        broken = sorted(f for f in files if f not in placed and (_dicom_magic(Path(folder) / f)
+                                                                 or f.lower().endswith(".dcm")))
         for uid, slices in series:
             rel = Path(folder).relative_to(root)
             base = root.name if str(rel) == "." else "_".join(rel.parts)

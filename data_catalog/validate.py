@@ -43,6 +43,7 @@ ISSUE_CODES = {
     "dicom_slices_missing": (ERROR, "a DICOM series' slice positions are not evenly spaced (missing or extra slices)"),
     "too_large": (ERROR, "the header claims more voxels than unet3d.io.MAX_IMAGE_VOXELS: refused before reading"),
     "worker_died": (ERROR, "the process reading the case died (killed, e.g. out of memory); retried on re-ingest"),
+    "case_id_too_long": (ERROR, "the case id is too long to become a file name in the workspace"),
 }
 
 # Tolerances for image/label geometry agreement.
@@ -75,6 +76,31 @@ def _check_spacing(spacing, path) -> list[dict]:
     return []
 
 
+def _check_nifti_pixdim(file: str, path: str) -> list[dict]:
+    """A NIfTI-1 header whose voxel size (pixdim) is 0 or not finite on an axis: ITK reads that axis as 1 mm,
+    silently, so the spacing the pipeline would use is made up."""
+    import gzip
+    import zlib
+
+    if not file.lower().endswith((".nii", ".nii.gz")):
+        return []
+    try:
+        with (gzip.open if file.lower().endswith(".gz") else open)(file, "rb") as f:
+            raw = f.read(348)
+    except (OSError, EOFError, zlib.error):
+        return []  # reading the voxels reports it
+    for order in ("<", ">"):
+        if len(raw) == 348 and int(np.frombuffer(raw[:4], f"{order}i4")[0]) == 348:
+            ndim = int(np.frombuffer(raw[40:42], f"{order}i2")[0])
+            pixdim = np.frombuffer(raw[76:108], f"{order}f4")[1:1 + min(max(ndim, 0), 3)]
+            if (pixdim == 0).any() or not np.isfinite(pixdim).all():
+                return [issue_row("spacing_implausible", path, f"the NIfTI header's voxel size (pixdim) "
+                                                               f"{tuple(float(p) for p in pixdim)} has a zero or "
+                                                               f"non-finite axis: read as 1 mm, the spacing would be "
+                                                               f"made up")]
+    return []
+
+
 def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> dict:
     """Hash and validate one case. Returns the case's catalog fields and its issues (never raises)."""
     out: dict = {"case_id": case.case_id, "issues": [issue_row(c, p, m) for c, p, m in case.issues]}
@@ -97,7 +123,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
                 out["issues"].append(issue_row("not_3d", path, f"image {_not_3d_description(image)}"))
             else:
-                out["issues"] += _check_spacing(image_geometry.spacing, path)
+                out["issues"] += _check_spacing(image_geometry.spacing, path) or \
+                    (_check_nifti_pixdim(case.image_files[0], path) if case.source_kind != "dicom" else [])
                 voxels = to_numpy(image)
                 n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) \
                     if np.issubdtype(voxels.dtype, np.floating) else 0

@@ -57,7 +57,7 @@ def check_labels_against_source(cfg: dict) -> None:
     if not path.is_file():
         return
     try:
-        data_labels = _dataset_labels(json.loads(path.read_text()))
+        data_labels = _dataset_labels(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return
     if data_labels is None:

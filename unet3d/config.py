@@ -349,5 +349,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    data = load_yaml(path.read_text(), path)
+    try:
+        text = path.read_text(encoding="utf-8")  # YAML is UTF-8; the locale's encoding may be ASCII
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                          f"save the config as UTF-8") from None
+    data = load_yaml(text, path)
     return parse_config(data or {}, base_dir=path.parent)
