@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _workspace(args) -> str:
-    from flows.pipeline import resolve_workspace
+    # flows.settings, not flows.pipeline: a command that needs no flow (`unet3d ingest`, `report`) does not
+    # pay the seconds of importing the flows, the stages and torch
+    from flows.settings import resolve_workspace
     return resolve_workspace(args.workspace)
 
 

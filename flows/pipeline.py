@@ -11,7 +11,7 @@ recomputes nothing that completed.
 """
 from __future__ import annotations
 
-from flows.settings import apply_defaults
+from flows.settings import apply_defaults, resolve_workspace  # noqa: F401  (resolve_workspace: re-exported)
 
 apply_defaults()
 
@@ -189,11 +189,6 @@ def _publish_artifacts(result: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------------------
-def resolve_workspace(workspace: str | None) -> str:
-    import os
-    return str(Path(workspace or os.environ.get("UNET3D_WORKSPACE") or "workspace").expanduser().resolve())
-
-
 def expand_refresh(refresh: list[str] | None) -> list[str]:
     """--refresh STAGE recomputes that stage and every stage after it."""
     out: set[str] = set()

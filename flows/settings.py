@@ -1,7 +1,9 @@
-"""Prefect settings this project needs, applied before Prefect is imported (Prefect reads them at import)."""
+"""Prefect settings this project needs, applied before Prefect is imported (Prefect reads them at import),
+and where the workspace is. Imports nothing heavy: every command reads it first."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 DEFAULTS = {
     # The ephemeral API server starts a subprocess; on 2-core machines it can take over 20 s.
@@ -24,3 +26,8 @@ def apply_defaults() -> None:
         os.environ.setdefault(key, value)
     # Many Prefect 3 releases print a notice when the telemetry endpoint is unreachable (no network here).
     os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def resolve_workspace(workspace: str | None) -> str:
+    """The workspace folder: the given one, else $UNET3D_WORKSPACE, else ./workspace; absolute."""
+    return str(Path(workspace or os.environ.get("UNET3D_WORKSPACE") or "workspace").expanduser().resolve())
