@@ -68,6 +68,10 @@ FAULT_TESTS = [
      "tests/test_report.py::test_failed_write_leaves_old_partition_intact_and_no_temp_files", False),
     ("partial files of a killed demo-cohort generator",
      "tests/test_demo_cohort.py::test_leftover_partial_files_of_a_dead_run_are_removed", False),
+    ("full disk during training, then during inference: rerun identical, nothing quarantined",
+     "tests/test_fault_suite.py::test_full_disk_during_training_then_inference_loses_nothing", True),
+    ("full disk while caching stage-1 probabilities",
+     "tests/test_fault_suite.py::test_full_disk_while_caching_stage1_probabilities_leaves_no_temporary", True),
     ("planted pickle in a cached stage result (tampered workspace)",
      "tests/test_safety_flows.py::test_planted_pickle_in_a_cached_stage_result_is_never_unpickled", True),
 ]

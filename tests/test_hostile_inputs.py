@@ -151,7 +151,6 @@ class InputTrial:
     case: str | None = None  # the case that must get an issue row
     severity: str = "error"  # "error": the case is quarantined; "warning": an issue row is enough
     labels: Path | None = None
-    declared: dict[int, str] | None = None
     names: tuple[str, ...] = ()  # or: an IngestError whose message contains one of these
 
 
@@ -209,7 +208,8 @@ def _text_as_nii(tmp):
 def _unknown_datatype(tmp):
     """A .nii whose header's datatype code (offset 70) is 9999: no NIfTI type."""
     images, labels = plain(tmp)
-    nifti_with_header(images / "hdr.nii", blob(), lambda raw: raw.__setitem__(slice(70, 72), (9999).to_bytes(2, "little")))
+    nifti_with_header(images / "hdr.nii", blob(),
+                      lambda raw: raw.__setitem__(slice(70, 72), (9999).to_bytes(2, "little")))
     write(labels / "hdr.nii", mask())
     return InputTrial(images, "hdr", labels=labels)
 
@@ -382,7 +382,8 @@ def _directory_named_like_an_image(tmp):
     return InputTrial(images, "folder", labels=labels)
 
 
-_NRRD = "NRRD0004\ntype: float\ndimension: 3\nsizes: 8 8 8\nspacings: 1 1 1\nencoding: raw\nendian: little\ndata file: {}\n\n"
+_NRRD = ("NRRD0004\ntype: float\ndimension: 3\nsizes: 8 8 8\nspacings: 1 1 1\nencoding: raw\nendian: little\n"
+         "data file: {}\n\n")
 
 
 def _nhdr_missing_data(tmp):
@@ -642,6 +643,7 @@ class ConfigKind:
     train: dict | None = None  # merged into the train section
     text: str | None = None  # raw YAML instead ($BASE: the good config without its train section)
     encoding: str = "utf-8"  # of the config file
+    ingested: bool = False  # the cohort is in the workspace's catalog first (data-dependent checks)
 
 
 def _stage(name="s", classes=None, **kw) -> dict:
@@ -662,6 +664,8 @@ CONFIG_KINDS: list[ConfigKind] = [
     ConfigKind("patch_zero", "patch_size", train={"patch_size": [0, 0, 0]}),
     ConfigKind("patch_negative", "patch_size", train={"patch_size": [-16, 32, 32]}),
     ConfigKind("patch_two_values", "patch_size", train={"patch_size": [32, 32]}),
+    ConfigKind("patch_larger_than_every_image", "train.patch_size", train={"patch_size": [256, 256, 256]},
+               ingested=True),
     ConfigKind("batch_zero", "batch_size", train={"batch_size": 0}),
     ConfigKind("oversample_above_one", "foreground_oversample", train={"foreground_oversample": 2}),
     ConfigKind("dropout_one", "dropout", train={"dropout": 1.0}),
@@ -693,10 +697,12 @@ CONFIG_KINDS: list[ConfigKind] = [
     ConfigKind("cohort_name_space", "cohort.name", {"cohort": {"name": "my cohort", "source": "$SOURCE"}}),
     ConfigKind("cohort_name_non_ascii", "cohort.name", {"cohort": {"name": "leber-\u00f6", "source": "$SOURCE"}}),
     ConfigKind("cohort_name_dotdot", "cohort.name", {"cohort": {"name": "..", "source": "$SOURCE"}}),
-    ConfigKind("cohort_modality_unknown", "modality", {"cohort": {"name": "h", "source": "$SOURCE", "modality": "PET"}}),
+    ConfigKind("cohort_modality_unknown", "modality",
+               {"cohort": {"name": "h", "source": "$SOURCE", "modality": "PET"}}),
     ConfigKind("stage_name_escape", "stages.0.name", {"stages": [_stage(name="../../x")]}),
     ConfigKind("roi_from_missing_stage", "roi_from", {"stages": [_stage(name="a"), _stage(name="b", roi_from="nope")]}),
-    ConfigKind("roi_from_cycle", "roi_from", {"stages": [_stage(name="a", roi_from="b"), _stage(name="b", roi_from="a")]}),
+    ConfigKind("roi_from_cycle", "roi_from",
+               {"stages": [_stage(name="a", roi_from="b"), _stage(name="b", roi_from="a")]}),
     ConfigKind("stages_three", "stages", {"stages": [_stage(name="a"), _stage(name="b"), _stage(name="c")]}),
     ConfigKind("stages_same_name", "stages", {"stages": [_stage(name="a"), _stage(name="a", roi_from="a")]}),
     ConfigKind("margin_negative", "margin_mm", {"stages": [_stage(margin_mm=-5)]}),
@@ -762,8 +768,7 @@ def run_input_kind(kind: InputKind, tmp: Path) -> Outcome:
     except Skip as exc:
         return Outcome(SKIPPED, str(exc))
     ws = tmp / "ws"
-    result, error, finished = _with_timeout(lambda: ingest(trial.source, "h", ws, labels=trial.labels,
-                                                           declared_labels=trial.declared, workers=1))
+    result, error, finished = _with_timeout(lambda: ingest(trial.source, "h", ws, labels=trial.labels, workers=1))
     if not finished:
         return Outcome(CRASH, f"no answer within {TIMEOUT_S:.0f} s (a hang)")
     if error is not None:
@@ -797,8 +802,8 @@ def run_input_kind(kind: InputKind, tmp: Path) -> Outcome:
         return Outcome(ACCEPTED, f"only a warning: {rows[0]['code']}: {_one_line(rows[0]['message'])[:150]}")
     present = [c for c in cases["case_id"] if str(c).lower().startswith(trial.case.lower())]
     if present:
-        return Outcome(ACCEPTED, f"case {present[0]!r} ingested as {cases.set_index('case_id').loc[present[0], 'status']}"
-                                 f" with no issue")
+        status = cases.set_index("case_id").loc[present[0], "status"]
+        return Outcome(ACCEPTED, f"case {present[0]!r} ingested as {status} with no issue")
     return Outcome(ACCEPTED, "dropped without an issue, a note or an error")
 
 
@@ -838,7 +843,11 @@ def run_config_kind(kind: ConfigKind, tmp: Path) -> Outcome:
     ws = tmp / "ws"
 
     def check():
-        preflight(load_config(path).model_dump(mode="json"), str(ws))
+        cfg = load_config(path)
+        if kind.ingested:
+            from data_catalog.ingest import ingest
+            ingest(cfg.cohort.source, cfg.cohort.name, ws)
+        preflight(cfg.model_dump(mode="json"), str(ws))
 
     _, error, finished = _with_timeout(check)
     if not finished:
