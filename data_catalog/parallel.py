@@ -18,7 +18,9 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = 2, dask_address: str | None = None, memory_limit: str = "auto") -> Iterator[Any]:
+def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> Iterator[Any]:
+    """A Dask client: on the scheduler at `dask_address`, else on a LocalCluster of `workers` single-threaded
+    processes (the settings of unet3d.config.PreprocessConfig, where their defaults are written)."""
     from distributed import Client, LocalCluster
 
     if dask_address:

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from unet3d.config import PreprocessConfig
 from unet3d.resample import ANISOTROPY_THRESHOLD, canonical_axes
 
 from .case_worker import PREPROCESS_VERSION, fingerprint_case
@@ -22,19 +23,20 @@ from .parallel import map_cases
 from .store import PreprocessedStore
 
 
-def plan_key(preprocess_config: dict, modality: str) -> str:
+def plan_key(preprocess_config: PreprocessConfig | dict, modality: str) -> str:
     """The key a plan is pinned under: the config keys that shape a plan, the modality, the code version."""
-    relevant = {k: preprocess_config.get(k) for k in ("target_spacing", "normalisation", "image_interpolation",
-                                                      "label_interpolation")}
+    cfg = PreprocessConfig.model_validate(preprocess_config).model_dump(mode="json")
+    relevant = {k: cfg[k] for k in ("target_spacing", "normalisation", "image_interpolation", "label_interpolation")}
     return stable_hash({"config": relevant, "modality": modality, "version": PREPROCESS_VERSION}, 12)
 
 
-def make_plan(fingerprints: list[dict], modality: str, preprocess_config: dict) -> dict:
+def make_plan(fingerprints: list[dict], modality: str, preprocess_config: PreprocessConfig | dict) -> dict:
     """Target spacing, normalisation and interpolation for a cohort, from its per-case fingerprints."""
+    cfg = PreprocessConfig.model_validate(preprocess_config)
     if not fingerprints:
         raise ValueError("no case could be fingerprinted: nothing to plan from")
     spacings = np.array([f["canonical_spacing"] for f in fingerprints], dtype=np.float64)
-    if preprocess_config.get("target_spacing", "auto") == "auto":
+    if cfg.target_spacing == "auto":
         target = np.median(spacings, axis=0)
         if target.max() / target.min() > ANISOTROPY_THRESHOLD:
             # Strongly anisotropic: a median thick-slice spacing would blur the thinner-sliced cases; take
@@ -42,10 +44,10 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: dict) 
             thick = int(np.argmax(target))
             target[thick] = np.percentile(spacings[:, thick], 10)
     else:
-        target = np.asarray(preprocess_config["target_spacing"], dtype=np.float64)
+        target = np.asarray(cfg.target_spacing, dtype=np.float64)
     target = np.round(target, 6)
 
-    scheme = preprocess_config.get("normalisation", "auto")
+    scheme = cfg.normalisation
     if scheme == "auto":
         scheme = "ct" if modality == "CT" else "zscore"
     norm: dict = {"scheme": scheme}
@@ -59,8 +61,8 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: dict) 
     plan = {
         "target_spacing": [float(t) for t in target],
         "normalisation": norm,
-        "image_order": 3 if preprocess_config.get("image_interpolation", "cubic") == "cubic" else 1,
-        "label_mode": preprocess_config.get("label_interpolation", "linear"),
+        "image_order": 3 if cfg.image_interpolation == "cubic" else 1,
+        "label_mode": cfg.label_interpolation,
         "version": PREPROCESS_VERSION,
     }
     plan["plan_id"] = stable_hash(plan, 12)
@@ -84,8 +86,8 @@ def scaled_plan(plan: dict, factor: float) -> dict:
     return out
 
 
-def needs_intensity_fingerprint(preprocess_config: dict, modality: str) -> bool:
-    scheme = preprocess_config.get("normalisation", "auto")
+def needs_intensity_fingerprint(preprocess_config: PreprocessConfig | dict, modality: str) -> bool:
+    scheme = PreprocessConfig.model_validate(preprocess_config).normalisation
     return scheme == "ct" or (scheme == "auto" and modality == "CT")
 
 
@@ -100,7 +102,8 @@ def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
 
 
 def plan_cohort(store: PreprocessedStore, cases: list[dict], cases_df: pd.DataFrame, modality: str,
-                preprocess_config: dict, get_client: Callable, progress: bool = True) -> tuple[dict, int, list[dict]]:
+                preprocess_config: PreprocessConfig, get_client: Callable,
+                progress: bool = True) -> tuple[dict, int, list[dict]]:
     """Fingerprint (voxels only where the plan needs intensities: CT) and plan.
 
     Returns (plan, cases fingerprinted in this call, failures as {"case_id", "error", "step": "fingerprint"});

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from unet3d.config import PreprocessConfig
+
 from .case_worker import case_records, preprocess_case
 from .parallel import dask_client, map_cases, worker_memory
 from .plan import plan_cohort, plan_key, scaled_plan
@@ -43,11 +45,13 @@ class PreprocessResult:
                 f"{len(self.failed)} failed (plans {plans}) in {self.seconds:.1f} s")
 
 
-def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: dict, modality: str | None = None,
+def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: PreprocessConfig | dict,
+                      modality: str | None = None,
                       spacing_factors: tuple[float, ...] = (1.0,), refresh: bool = False, progress: bool = True,
                       case_ids: list[str] | None = None) -> PreprocessResult:
     """Fingerprint, plan and preprocess every `ok` case of a cohort; only missing (case, plan) pairs do work."""
     t0 = time.perf_counter()
+    cfg = PreprocessConfig.model_validate(preprocess_config)
     catalog = Catalog(workspace)
     if refresh:
         retried = clear_failures(catalog, cohort)
@@ -62,7 +66,7 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: dic
     cases = case_records(cases_df)
     store = PreprocessedStore(workspace, cohort)
     result = PreprocessResult(cohort, {}, len(cases))
-    key = plan_key(preprocess_config, modality)
+    key = plan_key(cfg, modality)
 
     with store.lock():
         result.removed_partial = store.remove_partial()
@@ -75,14 +79,13 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: dic
         def get_client():
             nonlocal client_cm, client
             if client is None:
-                client_cm = dask_client(preprocess_config.get("workers", 2), preprocess_config.get("dask_address"),
-                                        preprocess_config.get("memory_limit", "auto"))
+                client_cm = dask_client(cfg.workers, cfg.dask_address, cfg.memory_limit)
                 client = client_cm.__enter__()
             return client
 
         try:
             if plan is None:
-                plan, result.fingerprinted, failures = plan_cohort(store, cases, cases_df, modality, preprocess_config,
+                plan, result.fingerprinted, failures = plan_cohort(store, cases, cases_df, modality, cfg,
                                                                    get_client, progress)
                 result.failed += failures
                 store.pin(key, plan)
