@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from unet3d.io import write_text_atomic
+from unet3d.metrics import empty_mask_scores
 from unet3d.overlays import mean_dice_per_case, overlay_png, read_overlay_volume, reference_classes
 
 #: Metrics shown by default in the console table and the Markdown report, in column order.
@@ -142,11 +143,11 @@ def _lesion_rows(lesions: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         total = {c: int(pd.to_numeric(group[c]).sum()) for c in
                  ("n_ref_lesions", "n_pred_lesions", "detected", "missed", "false_lesions")}
         n_ref, n_pred = total["n_ref_lesions"], total["n_pred_lesions"]
-        if n_ref == 0 and n_pred == 0:
-            precision, recall = 1.0, 1.0
+        policy = empty_mask_scores(n_ref == 0, n_pred == 0)
+        if policy is not None:
+            precision, recall = policy["precision"], policy["recall"]
         else:
-            precision = (n_pred - total["false_lesions"]) / n_pred if n_pred else None
-            recall = total["detected"] / n_ref if n_ref else None
+            precision, recall = (n_pred - total["false_lesions"]) / n_pred, total["detected"] / n_ref
         f1 = pd.to_numeric(group["lesion_f1"], errors="coerce").mean()
         cases = group["case_id"].nunique() if "case_id" in group else len(group)
         rows.append(
