@@ -77,6 +77,11 @@ class Workspace:
         """models/COHORT/STAGE-IDENTITY: one folder per (data, stage, model config), not per budget."""
         return self.root / "models" / safe_name(cohort, "cohort name") / f"{safe_name(stage, 'stage name')}-{identity}"
 
+    def model_lock(self, cohort: str, stage: str, identity: str) -> Path:
+        """models/COHORT/.STAGE-IDENTITY.lock: beside the model folder, so a refresh may replace the folder."""
+        folder = self.model_dir(cohort, stage, identity)
+        return folder.with_name(f".{folder.name}.lock")
+
     # -- predictions and the stage-1 cache -----------------------------------------------------------------
     def predictions_dir(self, run_id: str) -> Path:
         return self.root / "predictions" / safe_name(run_id, "run id", max_len=128)

@@ -46,13 +46,13 @@ STAGE_SOURCES = {
     "train": ["unet3d/train.py", "unet3d/recipe.py", "unet3d/models.py", "unet3d/losses.py", "unet3d/augment.py",
               "unet3d/sampling.py", "unet3d/labels.py", "unet3d/postprocess.py", "unet3d/sliding_window.py",
               "flows.stages:run_train", "flows.stages:_train_spec", "flows.cache_keys:train_settings"],
-    "infer": ["unet3d/inference.py", "unet3d/postprocess.py", "unet3d/sliding_window.py", "unet3d/resample.py",
-              "flows.stages:run_infer", "flows.stages:_prediction_jobs"],
-    "evaluate": ["unet3d/evaluation.py", "unet3d/metrics.py", "unet3d/labels.py", "unet3d/report_tables.py",
-                 "flows.stages:run_evaluate"],
+    "infer": ["unet3d/inference.py", "unet3d/models.py", "unet3d/postprocess.py", "unet3d/sliding_window.py",
+              "unet3d/resample.py", "unet3d/io.py", "flows.stages:run_infer", "flows.stages:_prediction_jobs",
+              "flows.stages:_write_run_record"],
+    "evaluate": ["unet3d/evaluation.py", "unet3d/metrics.py", "unet3d/labels.py", "unet3d/io.py",
+                 "unet3d/report_tables.py", "flows.stages:run_evaluate"],
     "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py",
-               "unet3d/labels.py", "flows.stages:run_report",
-               "flows.stages:_overlay_cases"],
+               "unet3d/labels.py", "flows.stages:run_report", "flows.stages:_overlay_cases"],
 }
 
 # Config keys that change how fast a stage runs, not what it produces.

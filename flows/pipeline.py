@@ -2,7 +2,7 @@
 
 ingest -> preprocess (Dask) -> split -> train (one task per cascade stage) -> infer -> evaluate -> report
 
-Every stage is a Prefect task whose cache key is the stage key of flows/caching.py and whose result (small:
+Every stage is a Prefect task whose cache key is the stage key of flows/cache_keys.py and whose result (small:
 paths, hashes, counts) is persisted in the workspace. A stage is called with `refresh_cache` when the user
 asked for it (`--refresh STAGE` refreshes that stage and everything downstream) or when its completion
 marker or outputs are missing. Inside a stage the work is resumable on its own (preprocessing per case,

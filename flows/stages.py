@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from data_catalog.case_worker import case_records
 from data_catalog.hashing import sha256_file
 from data_catalog.ingest import ingest
-from data_catalog.splits import update_splits
-from data_catalog.case_worker import case_records
 from data_catalog.preprocess import run_preprocessing
+from data_catalog.splits import update_splits
 from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
 from data_catalog.workspace import Workspace
@@ -127,11 +127,11 @@ def run_split(workspace: str, cfg: PipelineConfig, key: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------------------
-def model_dir(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> Path:
-    """Checkpoints of a stage live under its data + stage + model-config identity, not the budget, so that
-    raising max_epochs continues the run instead of starting over."""
-    return Workspace(workspace).model_dir(cfg.cohort.name, stage.name,
-                                          model_identity(workspace, cfg, stage, preprocess))
+def model_folder(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> tuple[Path, Path]:
+    """(the stage's checkpoint folder, its lock). Checkpoints live under the stage's data + stage + model-config
+    identity, not the budget, so that raising max_epochs continues the run instead of starting over."""
+    ws, identity = Workspace(workspace), model_identity(workspace, cfg, stage, preprocess)
+    return ws.model_dir(cfg.cohort.name, stage.name, identity), ws.model_lock(cfg.cohort.name, stage.name, identity)
 
 
 def _set_aside(folder: Path) -> None:
@@ -179,11 +179,10 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
     from unet3d.train import train
 
     marker, plan_id = f"train-{stage.name}", plan_id_of(preprocess, stage)
-    out = model_dir(workspace, cfg, stage, preprocess)
+    out, lock = model_folder(workspace, cfg, stage, preprocess)
     spec = _train_spec(workspace, cfg, stage, plan_id, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The lock sits beside the model folder (a refresh replaces the folder): two runs never write one model.
-    with FileLock(str(out.parent / f".{out.name}.lock"), timeout=24 * 3600):
+    with FileLock(str(lock), timeout=24 * 3600):  # two runs never write one model
         _remove_leftovers(out)
         if refresh:
             drop_marker(workspace, marker, key)
@@ -261,8 +260,8 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
     ws, run_id, stages = Workspace(workspace), run_id_for(cfg, key), cfg.resolved_stages()
     store = PreprocessedStore(workspace, cfg.cohort.name)
     plans = [store.load_plan(plan_id_of(preprocess, s)) for s in stages]
-    checkpoint = Path(trains[0]["model_dir"]) / "checkpoint_best.pt"
-    cache_id = stage1_cache_identity(cfg, trains[0], checkpoint, plans[0]["plan_id"]) if len(stages) > 1 else None
+    cache_id = (stage1_cache_identity(cfg, trains[0], trains[0]["best_checkpoint"], plans[0]["plan_id"])
+                if len(stages) > 1 else None)
     cache_root = ws.stage1_cache_dir(cache_id) if cache_id else None
     if refresh:
         drop_marker(workspace, "infer", key)
