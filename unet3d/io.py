@@ -288,12 +288,30 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
+        full = disk_full(exc)
+        if full is None and isinstance(exc, Exception) and no_space_left(path.parent):  # before the unlink frees it
+            full = f"disk full ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
         if os.path.exists(tmp):
             os.unlink(tmp)
-        full = disk_full(exc)
         if full is not None:  # the user is told what happened and what was being written, in one line
-            raise OSError(exc.errno or errno.ENOSPC, f"{full} while writing {path}") from exc
+            raise OSError(getattr(exc, "errno", None) or errno.ENOSPC, f"{full} while writing {path}") from exc
         raise
+
+
+# Below this much free space a failed write is taken for a full disk whatever the writer said: torch's zip
+# writer raises RuntimeError ("unexpected pos 832 vs 726", "basic_ios::clear: iostream error"), and ITK's
+# NIfTI writer only prints "wrote only 0 of N bytes" on stderr and returns normally.
+FULL_DISK_FREE_BYTES = 1 << 20
+
+
+def no_space_left(folder: str | Path) -> bool:
+    """Whether the file system of `folder` has (almost) no space left for this process (root may also
+    write into the blocks reserved for it)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize < FULL_DISK_FREE_BYTES
 
 
 def disk_full(exc: BaseException) -> str | None:
@@ -387,7 +405,21 @@ def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = Tru
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
     with atomic_path(path, suffix=suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
+        # ITK reports a short write on a full disk only on stderr: a file written there is read back before
+        # it is published (a truncated prediction would be trusted by every later run)
+        if no_space_left(tmp.parent) and not _same_voxels(image, tmp):
+            raise OSError(errno.ENOSPC, "the image writer left a short file")
     return path
+
+
+def _same_voxels(image: sitk.Image, path: Path) -> bool:
+    """Whether `path` reads back as `image`'s voxels (ITK may even read a truncated file without an error)."""
+    try:
+        back = sitk.ReadImage(str(path))
+    except RuntimeError:
+        return False
+    return back.GetSize() == image.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                 sitk.GetArrayViewFromImage(image))
 
 
 _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
