@@ -27,6 +27,12 @@ re-ingested in 19.7 s (three runs: 19.7, 28.6 and 46.0 s under other load; the l
 pandas filtering of the previous issues and a realpath per file. Scaled linearly for other --cases (the old
 code grows faster than linearly, so the ratio is understated for larger cohorts).
 
+Measured on the shared 2-core development machine under other load (commit 2f2f068, `nice -n 19 python
+benchmarks/reingest.py --cases 10000`): the command took 6.09 s, of which 1.81 s Python + CLI imports +
+Prefect start, so 4.28 s of re-ingest (limit 5 s), peak RSS 385 MB (limit 1 GB); in process 3.00 s, 350 MB.
+Before 2f2f068 the command also imported the flows, the stages and torch only to resolve the workspace path
+(3-5 s more).
+
 CLI baseline: the issue's measurement before the change, 500 unchanged cases re-ingested in 18 s from the
 command (Prefect start included), scaled linearly to --cases (understated: the old per-case filtering grows
 faster than linearly).
