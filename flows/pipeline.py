@@ -9,8 +9,9 @@ marker or outputs are missing. Inside a stage the work is resumable on its own (
 training from the last checkpoint, inference per case), so whatever stopped a run, running it again
 recomputes nothing that completed.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served deployment loads this file as a module of Prefect's own
+# (not as flows.pipeline), where Prefect cannot resolve string annotations such as "PipelineConfig" when it
+# validates a flow's parameters; real annotations need no lookup.
 from flows.settings import apply_defaults, resolve_workspace  # noqa: F401  (resolve_workspace: re-exported)
 
 apply_defaults()
