@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import threading
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -747,7 +746,6 @@ def _with_timeout(fn: Callable[[], object]) -> tuple[object, BaseException | Non
             box["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 (classified by the caller)
             box["error"] = exc
-            box["trace"] = traceback.format_exc()
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
