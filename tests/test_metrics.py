@@ -418,3 +418,30 @@ def test_summary_without_group_keys_and_empty_input():
     assert (summary["n_cases"] == len(table)).all()
     empty = summarize(_metrics_table().iloc[0:0], n_boot=20)
     assert empty.empty and "pooled" in empty.columns
+
+
+def test_summary_interval_is_scipys_percentile_bootstrap():
+    from scipy import stats
+
+    table = _metrics_table()
+    summary = summarize(table, n_boot=400, seed=3, ci=0.9)
+    row = summary.query("split == 'test' and class_name == 'anterior' and metric == 'hd95_mm'").iloc[0]
+    values = table.query("split == 'test' and class_name == 'anterior'")["hd95_mm"].to_numpy()
+    expected = stats.bootstrap((values,), np.mean, n_resamples=400, vectorized=True, method="percentile",
+                               confidence_level=0.9, rng=np.random.default_rng(3)).confidence_interval
+    assert row["ci_low"] == pytest.approx(expected.low, rel=1e-12)
+    assert row["ci_high"] == pytest.approx(expected.high, rel=1e-12)
+
+
+def test_summary_bootstrap_edge_cases():
+    table = pd.DataFrame({"class_name": ["a"] * 5 + ["b"], "dice": [0.8] * 5 + [0.4]})
+    summary = summarize(table, n_boot=100).set_index("class_name")
+    # All-equal values: every resample has the same mean, so the interval is that value.
+    assert summary.loc["a", ["mean", "ci_low", "ci_high"]].tolist() == pytest.approx([0.8, 0.8, 0.8])
+    assert summary.loc["b", ["mean", "ci_low", "ci_high"]].tolist() == pytest.approx([0.4, 0.4, 0.4])
+    # evaluate.n_boot: 0 (allowed by the config) means no bootstrap: the statistics without an interval.
+    none = summarize(table, n_boot=0).set_index("class_name")
+    assert none.loc["a", "mean"] == pytest.approx(0.8)
+    assert none[["ci_low", "ci_high"]].isna().all().all()
+    with pytest.raises(ValueError, match="n_boot"):
+        summarize(table, n_boot=-1)

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from .config import EVALUATE_DEFAULTS
 from .labels import IGNORE_LABEL
@@ -350,17 +350,16 @@ def lesion_metrics(
 # Summary over cases
 # ---------------------------------------------------------------------------------------------------------------
 def _bootstrap_mean_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator, ci: float) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean: resample cases with replacement, n_boot times at once."""
-    n = values.size
-    # Chunked so that n_boot x n indices stay small for large cohorts; still vectorised within a chunk.
-    per_chunk = max(1, _CHUNK_VOXELS // n)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, per_chunk):
-        stop = min(n_boot, start + per_chunk)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    alpha = (1.0 - ci) / 2.0
-    low, high = np.percentile(means, [100.0 * alpha, 100.0 * (1.0 - alpha)])
-    return float(low), float(high)
+    """Percentile bootstrap interval of the mean over cases (scipy.stats.bootstrap, resampling cases).
+
+    One case has no spread to resample (scipy refuses it): its interval is the value itself, as every resample
+    would give it.
+    """
+    if values.size == 1:
+        return float(values[0]), float(values[0])
+    result = stats.bootstrap((values,), np.mean, n_resamples=n_boot, vectorized=True, method="percentile",
+                             confidence_level=ci, rng=rng)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _pooled_scores(frame: pd.DataFrame) -> dict[str, float | None]:
@@ -375,16 +374,17 @@ def summarize(metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, see
 
     Groups are the combinations of whichever of run_id, run_date, cohort, stage, split, class_name are columns of
     `metrics` (missing values form their own group). For each of precision, recall, specificity, dice, iou,
-    hd95_mm, assd_mm present: n_cases (non-null values), mean, median, std (sample, ddof=1), ci_low/ci_high (a
-    percentile bootstrap over cases of the mean, seeded: every group and metric draws from a fresh generator
-    seeded with `seed`, so a group's interval does not depend on which other groups are in the table), and pooled
+    hd95_mm, assd_mm present: n_cases (non-null values), mean, median, std (sample, ddof=1), ci_low/ci_high (the
+    `ci` percentile bootstrap interval over cases of the mean, scipy.stats.bootstrap with `n_boot` resamples,
+    seeded: every group and metric draws from a fresh generator seeded with `seed`, so a group's interval does not
+    depend on which other groups are in the table; null when n_boot is 0, i.e. no bootstrap asked), and pooled
     (the metric recomputed from the group's summed tp/fp/fn/tn, with the empty-mask policy; null for distances).
     Null values (NaN in these float columns, written as null by pyarrow) mark undefined statistics.
     """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot must be an integer >= 0, got {n_boot!r}")
     keys = [k for k in SUMMARY_GROUP_KEYS if k in metrics.columns]
     summarised = [m for m in SUMMARY_METRICS if m in metrics.columns]
     if keys:
@@ -402,7 +402,8 @@ def summarize(metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, see
             values = values[~np.isnan(values)]
             stats = {"mean": None, "median": None, "std": None, "ci_low": None, "ci_high": None}
             if values.size:
-                ci_low, ci_high = _bootstrap_mean_ci(values, n_boot, np.random.default_rng(seed), ci)
+                ci_low, ci_high = (_bootstrap_mean_ci(values, n_boot, np.random.default_rng(seed), ci)
+                                   if n_boot else (None, None))
                 stats = {
                     "mean": float(values.mean()),
                     "median": float(np.median(values)),
