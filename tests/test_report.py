@@ -214,10 +214,10 @@ def test_format_summary_shows_means_and_intervals(metrics):
         assert metric in text
     dice = summary[(summary["metric"] == "dice") & (summary["split"] == "test")
                    & (summary["class_name"] == "anterior")].iloc[0]
-    assert f"{dice['mean']:.3f} [{dice['ci_low']:.2f}, {dice['ci_high']:.2f}]" in text
+    assert f"{dice['mean']:.3f} [{dice['ci_low']:.3f}, {dice['ci_high']:.3f}]" in text
     hd95 = summary[(summary["metric"] == "hd95_mm") & (summary["split"] == "val")
                    & (summary["class_name"] == "posterior")].iloc[0]
-    assert f"{hd95['mean']:.2f} [{hd95['ci_low']:.1f}, {hd95['ci_high']:.1f}]" in text
+    assert f"{hd95['mean']:.2f} [{hd95['ci_low']:.2f}, {hd95['ci_high']:.2f}]" in text
     # One line per stage x split x class in each block, with n_cases.
     rows = [line for line in text.splitlines() if line.startswith("final")]
     assert len(rows) % 4 == 0 and len(rows) >= 4
@@ -341,6 +341,8 @@ def test_markdown_report_links_overlays_and_shows_numbers(tmp_path, metrics, mon
     lesion_rows = []
     for case_id, shift in {"case_a": 0, "case_c": 3}.items():
         _, reference, prediction = _volumes(0, shift)
+        if case_id == "case_c":
+            reference[8:13, 5, :] = 0  # the posterior structure in two pieces: a lesion-like class
         for row in lesion_metrics(prediction, reference, SPACING, CLASSES):
             lesion_rows.append({"stage": "final", "split": "test", "case_id": case_id, **row})
 
@@ -359,9 +361,13 @@ def test_markdown_report_links_overlays_and_shows_numbers(tmp_path, metrics, mon
     assert text.startswith("# Phantom report")
     assert "run1" in text
     dice = summary[(summary["metric"] == "dice") & (summary["class_name"] == "posterior")].iloc[0]
-    assert f"{dice['mean']:.3f} [{dice['ci_low']:.2f}, {dice['ci_high']:.2f}]" in text
-    assert "| stage | split | class | n | dice | iou | precision | recall | specificity | hd95 (mm) |" in text
+    assert f"{dice['mean']:.3f} [{dice['ci_low']:.3f}, {dice['ci_high']:.3f}]" in text
+    # The header cells in order (DataFrame.to_markdown pads cells to the column's width).
+    assert re.search(r"\|\s*stage\s*\|\s*split\s*\|\s*class\s*\|\s*n\s*\|\s*dice\s*\|\s*iou\s*\|\s*precision\s*\|"
+                     r"\s*recall\s*\|\s*specificity\s*\|\s*hd95 \(mm\)\s*\|", text)
     assert "## Lesion-level detection" in text
+    lesion_section = text.split("## Lesion-level detection")[1].split("##")[0]
+    assert "posterior" in lesion_section and "Single-structure classes left out: anterior." in lesion_section
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) == 4
@@ -377,3 +383,64 @@ def test_markdown_report_links_overlays_and_shows_numbers(tmp_path, metrics, mon
     worst = next(name for name in drawn_references if "worst" in name)
     np.testing.assert_array_equal(drawn_references[worst], expected_reference)
     assert drawn_references[next(name for name in drawn_references if "unlabelled" in name)] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readable numbers, example cases, lesion tables (issue 11 items 10 and 11)
+# ---------------------------------------------------------------------------------------------------------------
+def test_interval_has_the_means_decimals(tmp_path):
+    summary = pd.DataFrame(
+        [{"stage": "final", "split": "test", "class_name": "liver", "metric": "dice", "n_cases": 40,
+          "mean": 0.998, "ci_low": 0.9972, "ci_high": 0.9991},
+         {"stage": "final", "split": "test", "class_name": "liver", "metric": "hd95_mm", "n_cases": 40,
+          "mean": 1.234, "ci_low": 1.1049, "ci_high": 1.4151}]
+    )
+    text = format_summary(summary, metrics=("dice", "hd95_mm"))
+    assert "0.998 [0.997, 0.999]" in text and "1.23 [1.10, 1.42]" in text
+    assert "[1.00, 1.00]" not in text
+    metrics = pd.DataFrame({"stage": ["final"], "split": ["test"], "case_id": ["c1"], "dice": [0.998]})
+    markdown = write_markdown_report(tmp_path, "run1", summary, metrics, []).read_text()
+    assert "0.998 [0.997, 0.999]" in markdown and "1.23 [1.10, 1.42]" in markdown
+
+
+def test_example_cases_are_distinct_and_fall_back_from_test_to_all_splits():
+    two_test = _metrics_frame({"t1": 0, "t2": 3})
+    val = _metrics_frame({"v1": 1, "v2": 2, "v3": 5}, split="val")
+    one_val = _metrics_frame({"v1": 1}, split="val")
+
+    def picked(frame):
+        return {c["label"]: (c["case_id"], c["split"]) for c in report.pick_example_cases(frame, "final")}
+
+    # Three test cases or more: the test split alone.
+    assert picked(_metrics_frame({"t1": 0, "t2": 3, "t3": 1})) == {
+        "best": ("t1", "test"), "median": ("t3", "test"), "worst": ("t2", "test")}
+    # Two test cases: the median would repeat one of them; the val split (three cases) is used instead.
+    assert picked(pd.concat([two_test, val])) == {
+        "best": ("v1", "val"), "median": ("v2", "val"), "worst": ("v3", "val")}
+    # No split has three cases: all evaluated cases ranked together, each with its split.
+    assert picked(pd.concat([two_test, one_val])) == {
+        "best": ("t1", "test"), "median": ("v1", "val"), "worst": ("t2", "test")}
+    # Ties (every case perfect) still give three different cases.
+    perfect = _metrics_frame({"a": 0, "b": 0, "c": 0})
+    assert [c["case_id"] for c in report.pick_example_cases(perfect, "final")] == ["a", "b", "c"]
+    assert [c["label"] for c in report.pick_example_cases(two_test, "final")] == ["best", "worst"]
+    assert [c["label"] for c in report.pick_example_cases(one_val, "final")] == ["only"]
+    with pytest.raises(ValueError, match="no case"):
+        report.pick_example_cases(two_test, "roi")
+
+
+def test_lesion_table_only_for_classes_with_several_structures(tmp_path, metrics):
+    summary = summarize(metrics, n_boot=20)
+    organ_rows = []
+    for case_id, shift in {"case_a": 0, "case_c": 3}.items():
+        _, reference, prediction = _volumes(0, shift)  # each class one box per case: organs
+        for row in lesion_metrics(prediction, reference, SPACING, CLASSES):
+            organ_rows.append({"stage": "final", "split": "test", "case_id": case_id, **row})
+    organs = pd.DataFrame(organ_rows)
+    assert report.lesion_like_classes(organs).empty
+    text = write_markdown_report(tmp_path, "run1", summary, metrics, [], lesions=organs).read_text()
+    assert "Lesion-level" not in text
+
+    organs.loc[organs["class_name"] == "anterior", "n_ref_lesions"] = [1, 3]
+    kept = report.lesion_like_classes(organs)
+    assert set(kept["class_name"]) == {"anterior"} and len(kept) == 2

@@ -14,7 +14,7 @@ import pandas as pd
 
 from unet3d.io import write_text_atomic
 from unet3d.metrics import empty_mask_scores
-from unet3d.overlays import mean_dice_per_case, overlay_png, read_overlay_volume, reference_classes
+from unet3d.overlays import mean_dice_per_case, overlay_png, read_overlay_case, reference_classes
 
 #: Metrics shown by default in the console table and the Markdown report, in column order.
 REPORT_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "specificity", "hd95_mm")
@@ -31,13 +31,16 @@ def _is_missing(value) -> bool:
 
 
 def _format_cell(metric: str, mean, ci_low, ci_high) -> str:
-    """'0.873 [0.85, 0.89]' for scores in [0, 1]; '4.21 [3.1, 5.6]' for distances in mm."""
+    """'0.873 [0.850, 0.890]' for scores in [0, 1]; '4.21 [3.10, 5.60]' for distances in mm.
+
+    The interval has the mean's decimals: with fewer, a narrow interval around 0.998 reads '[1.00, 1.00]'.
+    """
     if _is_missing(mean):
         return _MISSING
-    mean_digits, ci_digits = (2, 1) if metric in _DISTANCE_METRICS else (3, 2)
-    text = f"{float(mean):.{mean_digits}f}"
+    digits = 2 if metric in _DISTANCE_METRICS else 3
+    text = f"{float(mean):.{digits}f}"
     if not _is_missing(ci_low) and not _is_missing(ci_high):
-        text += f" [{float(ci_low):.{ci_digits}f}, {float(ci_high):.{ci_digits}f}]"
+        text += f" [{float(ci_low):.{digits}f}, {float(ci_high):.{digits}f}]"
     return text
 
 
@@ -116,9 +119,11 @@ def _markdown_escape(text: str) -> str:
 
 
 def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(_markdown_escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_markdown_escape(c) for c in row) + " |" for row in rows]
-    return lines
+    """A GitHub Markdown table (DataFrame.to_markdown) of cells already formatted as text."""
+    frame = pd.DataFrame([[_markdown_escape(c) for c in row] for row in rows],
+                         columns=[_markdown_escape(h) for h in headers])
+    # disable_numparse: the cells are final text ('4', '0.873 [0.850, 0.890]'), not numbers to re-format.
+    return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True).splitlines()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +131,59 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> li
 # ---------------------------------------------------------------------------------------------------------------
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "case"
+
+
+#: Splits the report's example cases come from, in order of preference.
+EXAMPLE_SPLITS: tuple[str, ...] = ("test", "val")
+
+
+def pick_example_cases(metrics: pd.DataFrame, stage: str) -> list[dict]:
+    """The report's example cases of a stage: [{"label", "case_id", "split"}] for best, median and worst mean dice.
+
+    The cases come from the first split of EXAMPLE_SPLITS with at least three cases with a dice value, else from
+    every evaluated split together, so that best, median and worst are three different cases whenever the stage
+    has three. Cases are ranked by mean dice over the stage's classes (ties: the smaller case_id ranks better);
+    the median is the middle of that ranking (the better one of an even count's two). With two cases there is
+    no median, with one case it is labelled "only". Raises ValueError when the stage has no case with a dice
+    value.
+    """
+    rows = metrics[metrics["stage"].astype(str) == stage]
+    per_case = mean_dice_per_case(rows, stage)
+    if per_case.empty:
+        raise ValueError(f"no case with a dice value for stage {stage!r}")
+    split_of = rows.assign(case_id=rows["case_id"].astype(str)).drop_duplicates("case_id").set_index("case_id")
+    split_of = split_of["split"].astype(str)
+    chosen = per_case
+    for split in EXAMPLE_SPLITS:
+        in_split = per_case[split_of.reindex(per_case.index).eq(split).to_numpy()]
+        if len(in_split) >= 3:
+            chosen = in_split
+            break
+    ranked = [case for case, _ in sorted(chosen.items(), key=lambda item: (-item[1], item[0]))]  # best first
+    if len(ranked) == 1:
+        positions = [("only", 0)]
+    elif len(ranked) == 2:
+        positions = [("best", 0), ("worst", 1)]
+    else:
+        positions = [("best", 0), ("median", (len(ranked) - 1) // 2), ("worst", len(ranked) - 1)]
+    return [{"label": label, "case_id": ranked[i], "split": split_of[ranked[i]]} for label, i in positions]
+
+
+def lesion_like_classes(lesions: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the (stage, class) pairs for which lesion-level detection means something.
+
+    Rule: a class is lesion-like when its reference has more than one connected component in at least one case.
+    An organ (liver, hippocampus, a kidney) is one structure per case, so counting its "lesions" only restates
+    whether the case was segmented at all; tumours, metastases and nodules come in varying numbers.
+    """
+    keys = [k for k in ("stage", "class_name") if k in lesions.columns]
+    if lesions.empty or "n_ref_lesions" not in lesions.columns:
+        return lesions.iloc[0:0]
+    most = pd.to_numeric(lesions["n_ref_lesions"], errors="coerce")
+    if not keys:
+        return lesions if most.max() > 1 else lesions.iloc[0:0]
+    most = most.groupby([lesions[k].astype(str) for k in keys]).transform("max")
+    return lesions[most > 1]
 
 
 def _lesion_rows(lesions: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
@@ -178,10 +236,11 @@ def write_markdown_report(
 
     summary: unet3d.metrics.summarize output; metrics: the per case x class table (for the example cases' dice);
     rows of other runs, when the frames carry a run_id column, are left out. overlay_cases: dicts with case_id,
-    stage, label ("best" | "median" | "worst"), image_path, reference_path (None if unlabelled),
-    prediction_path, classes {class_index: name} and label_map {source label: stage class}, applied to the
-    reference before drawing (unmapped values -> 0). lesions: optional per case x class lesion table
-    (LESIONS_SCHEMA columns). Returns the report's path.
+    stage, label ("best" | "median" | "worst" | "only", see pick_example_cases), optional split, image_path,
+    reference_path (None if unlabelled), prediction_path, classes {class_index: name} and label_map {source
+    label: stage class}, applied to the reference before drawing (unmapped values -> 0). lesions: optional per
+    case x class lesion table (LESIONS_SCHEMA columns); only its lesion-like classes (lesion_like_classes) get
+    the lesion table. Returns the report's path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,22 +267,29 @@ def write_markdown_report(
         lines.append("No summary rows.")
 
     if lesions is not None and len(lesions):
-        headers, rows = _lesion_rows(lesions)
-        lines += ["", "## Lesion-level detection", "",
-                  "Counts summed over cases; precision and recall of the summed counts.", ""]
-        lines += _markdown_table(headers, rows)
+        lesion_like = lesion_like_classes(lesions)
+        left_out = sorted(set(lesions["class_name"].astype(str)) - set(lesion_like["class_name"].astype(str))) \
+            if "class_name" in lesions.columns else []
+        if len(lesion_like):
+            headers, rows = _lesion_rows(lesion_like)
+            lines += ["", "## Lesion-level detection", "",
+                      "Counts summed over cases; precision and recall of the summed counts. Shown for classes whose "
+                      "reference has more than one connected component in some case.", ""]
+            lines += _markdown_table(headers, rows)
+            if left_out:
+                lines += ["", "Single-structure classes left out: " + ", ".join(left_out) + "."]
 
     if overlay_cases:
         lines += ["", "## Example cases", "",
                   "Reference contours gold, predicted contours blue; line style per class.", ""]
     for case in overlay_cases:
         case_id, stage, label = str(case["case_id"]), str(case["stage"]), str(case["label"])
+        if case.get("split") is not None:
+            label = f"{label} ({case['split']})"
         classes = {int(k): str(v) for k, v in (case.get("classes") or {}).items()}
-        image, spacing = read_overlay_volume(case["image_path"])
-        prediction, _ = read_overlay_volume(case["prediction_path"])
-        reference = None
-        if case.get("reference_path") is not None:
-            reference, _ = read_overlay_volume(case["reference_path"])
+        image, reference, prediction = read_overlay_case(case["image_path"], case["prediction_path"],
+                                                         case.get("reference_path"))
+        if reference is not None:
             reference = reference_classes(reference, case.get("label_map"))
         png_name = f"overlay_{_safe_name(stage)}_{_safe_name(label)}_{_safe_name(case_id)}.png"
         per_case = mean_dice_per_case(metrics, stage) if {"stage", "case_id", "dice"} <= set(metrics.columns) else None
@@ -231,7 +297,8 @@ def write_markdown_report(
         if per_case is not None and case_id in per_case.index:
             dice_note = f" (mean dice {per_case[case_id]:.3f})"
         heading = f"{stage}, {label}: {case_id}{dice_note}"
-        overlay_png(image, reference, prediction, spacing, out_dir / png_name, title=heading, classes=classes)
+        overlay_png(image.voxels, reference, prediction, image.spacing, out_dir / png_name, title=heading,
+                    classes=classes, origin_mm=image.origin, direction=image.direction)
         lines += [f"### {stage}, {label}: `{case_id}`{dice_note}", "", f"![{heading}]({png_name})", ""]
 
     text = "\n".join(lines).rstrip() + "\n"
