@@ -308,15 +308,15 @@ def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, pro
 
 def _overlay_cases(ws: Workspace, cfg: PipelineConfig, run_id: str, metrics: pd.DataFrame) -> list[dict]:
     """Per stage, the example cases the report draws (best, median, worst Dice) with their files."""
-    from unet3d.overlays import pick_overlay_cases
+    from unet3d.report import pick_example_cases
 
     cases = Catalog(ws.root).cases(cohort=cfg.cohort.name).set_index("case_id")
-    split = "test" if (metrics["split"] == "test").any() else None
     overlays = []
     for s in cfg.resolved_stages():
-        for label, cid in pick_overlay_cases(metrics, s.name, split).items():
+        for example in pick_example_cases(metrics, s.name):
+            cid, label = example["case_id"], example["label"]
             case = cases.loc[cid]
-            overlays.append({"case_id": cid, "stage": s.name, "label": label,
+            overlays.append({"case_id": cid, "stage": s.name, "label": label, "split": example["split"],
                              "image_path": case["image_path"] if case["source_kind"] != "dicom" else list(case["image_files"]),
                              "reference_path": case["label_path"],
                              "prediction_path": str(ws.prediction_path(run_id, s.name, cid)),
