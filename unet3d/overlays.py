@@ -234,9 +234,11 @@ def overlay_png(
             ax.text(*xy, letter, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=9,
                     fontweight="bold", path_effects=outline)
         bar_mm = _scale_bar_length(width)
-        ax.add_artist(AnchoredSizeBar(ax.transData, bar_mm, f"{bar_mm} mm", loc="lower right", color="white",
-                                      frameon=False, size_vertical=max(height / 150, 0.5 * min(spacing)),
-                                      pad=0.3, borderpad=0.3, sep=2, fontproperties={"size": 7}))
+        scale_bar = AnchoredSizeBar(ax.transData, bar_mm, f"{bar_mm} mm", loc="lower right", color="white",
+                                    frameon=False, size_vertical=max(height / 150, 0.5 * min(spacing)),
+                                    pad=0.3, borderpad=0.3, sep=2, fontproperties={"size": 7, "weight": "bold"})
+        scale_bar.txt_label.get_children()[0].set_path_effects(outline)  # readable on bright tissue too
+        ax.add_artist(scale_bar)
 
     handles = []
     for labels, colour, layer_name in layers:

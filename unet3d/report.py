@@ -281,7 +281,8 @@ def write_markdown_report(
 
     if overlay_cases:
         lines += ["", "## Example cases", "",
-                  "Reference contours gold, predicted contours blue; line style per class.", ""]
+                  "Axial, coronal and sagittal slices in radiological orientation (the patient's right on the "
+                  "image's left); reference contours gold, predicted contours blue; line style per class.", ""]
     for case in overlay_cases:
         case_id, stage, label = str(case["case_id"]), str(case["stage"]), str(case["label"])
         if case.get("split") is not None:
