@@ -444,3 +444,17 @@ def test_lesion_table_only_for_classes_with_several_structures(tmp_path, metrics
     organs.loc[organs["class_name"] == "anterior", "n_ref_lesions"] = [1, 3]
     kept = report.lesion_like_classes(organs)
     assert set(kept["class_name"]) == {"anterior"} and len(kept) == 2
+
+
+def test_run_date_reads_back_as_a_date_with_the_typed_partitioning(tmp_path, metrics):
+    from unet3d.report_tables import PARTITIONING
+
+    root = tmp_path / "reports" / "metrics"
+    write_partition(metrics, root, "2024-05-01", "123", METRICS_SCHEMA)
+    write_partition(metrics.iloc[:2], root, "2024-05-02", "run2", METRICS_SCHEMA)
+    frame = pd.read_parquet(root, partitioning=PARTITIONING)
+    assert pd.api.types.is_datetime64_dtype(frame["run_date"])
+    assert sorted(frame["run_date"].dt.strftime("%Y-%m-%d").unique()) == ["2024-05-01", "2024-05-02"]
+    assert (frame["run_date"] >= pd.Timestamp("2024-05-02")).sum() == 2
+    assert pd.api.types.is_string_dtype(frame["run_id"]) and set(frame["run_id"]) == {"123", "run2"}
+    assert len(frame) == len(metrics) + 2

@@ -8,6 +8,16 @@ so that `pandas.read_parquet(ROOT)` reads every run at once, with run_date and r
 the directory names; the files themselves never store them. Each run owns exactly one partition: writing a run
 again replaces its file (through a temporary file and an atomic rename), so re-evaluating a run never duplicates
 rows and a reader never sees half a file.
+
+A bare `pandas.read_parquet(ROOT)` infers the partition keys from the directory names, and pyarrow infers
+nothing but integers and strings there: run_date comes back as a category of strings. With this module's typed
+partitioning, `pandas.read_parquet(ROOT, partitioning=PARTITIONING)`, run_date is a datetime64 column (the day,
+at midnight) and run_id a string column (a run id of digits stays a string).
+
+The writer is ours, not `pyarrow.dataset.write_dataset(existing_data_behavior="delete_matching")`: that one
+deletes a partition's files before writing the new ones in place (a failed rewrite leaves part of the run, or an
+unreadable file), and does not see the same run under an earlier run_date. benchmarks/partition_writer.py
+measures both in one run.
 """
 from __future__ import annotations
 
@@ -23,6 +33,10 @@ import pyarrow.parquet as pq
 from unet3d.io import atomic_path
 
 PARTITION_KEYS: tuple[str, ...] = ("run_date", "run_id")
+#: The typed hive partitioning of every report table, for readers: pandas.read_parquet(ROOT, partitioning=...).
+PARTITIONING: ds.Partitioning = ds.partitioning(
+    pa.schema([("run_date", pa.timestamp("s")), ("run_id", pa.string())]), flavor="hive"
+)
 PART_FILE = "part-0.parquet"
 
 _KEY_FIELDS = [("cohort", pa.string()), ("stage", pa.string())]
