@@ -369,7 +369,9 @@ def _pooled_scores(frame: pd.DataFrame) -> dict[str, float | None]:
     return overlap_scores(tp, fp, fn, tn, ref_empty=tp + fn == 0, pred_empty=tp + fp == 0)
 
 
-def summarize(metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+def summarize(
+    metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, seed: int = 0, ci: float = 0.95
+) -> pd.DataFrame:
     """Summary table: one row per group x metric.
 
     Groups are the combinations of whichever of run_id, run_date, cohort, stage, split, class_name are columns of
