@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from . import metrics
+from .config import EVALUATE_DEFAULTS
 from .io import read_image, to_numpy
 from .labels import map_labels
 
@@ -42,7 +43,8 @@ def read_reference(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
 
 
 def evaluate_cases(cases: Sequence[EvaluatedCase], stages: Sequence[EvaluatedStage], cohort: str, model: str,
-                   connectivity: int = 26, progress: bool = True) -> tuple[list[dict], list[dict]]:
+                   connectivity: int = EVALUATE_DEFAULTS.lesion_connectivity,
+                   progress: bool = True) -> tuple[list[dict], list[dict]]:
     """(metric rows, lesion rows) of every case's existing predictions, stage by stage; `cohort` and `model`
     (the architecture) fill those columns. A case without any prediction file gives no row."""
     from tqdm.auto import tqdm

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .config import INFER_DEFAULTS
 from .io import Geometry, atomic_path, from_numpy, read_image, to_numpy, write_image_atomic
 from .postprocess import apply_postprocessing
 from .resample import (
@@ -71,7 +72,8 @@ class StageModel:
                    {int(k): int(v) for k, v in meta["label_map"].items()}, list(meta["spacing"]),
                    margin_mm if margin_mm is not None else roi.get("margin_mm"), dev, meta.get("postprocess"))
 
-    def predict(self, image: np.ndarray, overlap: float = 0.5, tta: bool = False, batch_size: int = 4) -> np.ndarray:
+    def predict(self, image: np.ndarray, overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
+                batch_size: int = INFER_DEFAULTS.batch_size) -> np.ndarray:
         """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (1, X, Y, Z)."""
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         probs = sliding_window_predict(self.network, tensor, self.patch_size, self.num_classes, overlap=overlap,
@@ -107,15 +109,17 @@ class CascadeOutput:
 
 
 def run_cascade(image: np.ndarray, geometry: Geometry, stages: Sequence[StageModel], plans: Sequence[dict],
-                overlap: float = 0.5, tta: bool = False, batch_size: int = 4,
+                overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
+                batch_size: int = INFER_DEFAULTS.batch_size,
                 stage1_probs: np.ndarray | None = None) -> tuple[CascadeOutput, np.ndarray]:
     """Segment one raw (x, y, z) image: preprocess it with each stage's plan, then `cascade`."""
     inputs = [preprocess_for_plan(image, geometry, plan) for plan in plans]
     return cascade(inputs, stages, overlap, tta, batch_size, stage1_probs)
 
 
-def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequence[StageModel], overlap: float = 0.5,
-            tta: bool = False, batch_size: int = 4,
+def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequence[StageModel],
+            overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
+            batch_size: int = INFER_DEFAULTS.batch_size,
             stage1_probs: np.ndarray | None = None) -> tuple[CascadeOutput, np.ndarray]:
     """Segment one case given, per stage, its preprocessed image (1, X, Y, Z) and properties.
 
@@ -233,7 +237,8 @@ def _predict_job(job: PredictionJob, models: Sequence[StageModel], plans: Sequen
 
 
 def infer_cases(jobs: Sequence[PredictionJob], models: Sequence[StageModel], plans: Sequence[dict],
-                overlap: float = 0.5, tta: bool = False, batch_size: int = 4, resume: bool = True,
+                overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
+                batch_size: int = INFER_DEFAULTS.batch_size, resume: bool = True,
                 keep_going: bool = False, progress: bool = True, desc: str = "infer") -> InferenceSummary:
     """Predict every job through the cascade and write its label maps atomically.
 
