@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unet3d.case_folder import IMAGE_FILE, LABEL_FILE, PROPS_FILE, read_props
 from unet3d.io import Geometry, read_case_image, read_image, to_numpy, write_json_atomic
 from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox, plan_normalisation,
                              preprocess_consuming)
@@ -244,16 +245,16 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
         if final.exists():  # left incomplete by a crash of the machine
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
-        np.save(tmp / "image.npy", image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
+        np.save(tmp / IMAGE_FILE, image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
         if label is not None:
-            np.save(tmp / "label.npy", label)
+            np.save(tmp / LABEL_FILE, label)
         meta = props.to_dict()
         meta.update(case_id=case["case_id"], image_sha256=case.get("image_sha256"),
                     label_sha256=case.get("label_sha256"), plan_id=plan["plan_id"])
         # Sizes let a reader recognise files truncated by a crash of the machine (no fsync: it would double
         # the cost of a small case; a truncated case is simply preprocessed again).
         meta["files"] = {f.name: f.stat().st_size for f in tmp.iterdir()}
-        (tmp / "props.json").write_text(json.dumps(meta))
+        (tmp / PROPS_FILE).write_text(json.dumps(meta))
         try:
             os.rename(tmp, final)  # atomic: the case appears complete or not at all
         except OSError:
@@ -273,7 +274,7 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
 def case_complete(case_dir: Path) -> bool:
     """A case folder is complete when its props.json parses and every file has the size it records."""
     try:
-        meta = json.loads((case_dir / "props.json").read_text())
+        meta = read_props(case_dir)
         return all((case_dir / name).stat().st_size == size for name, size in meta["files"].items())
     except (OSError, ValueError, KeyError):
         return False

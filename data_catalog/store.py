@@ -15,11 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 from filelock import FileLock
 
+from unet3d.case_folder import case_properties, read_case_folder
 from unet3d.io import write_json_atomic
-from unet3d.resample import CaseProperties
 
 from .case_worker import TMP_PREFIX, case_complete, case_dirname, fingerprint_path
 from .workspace import Workspace
@@ -61,13 +60,8 @@ class PreprocessedStore:
 
     def load_case(self, plan_id: str, case: dict, mmap: bool = True):
         """(image (1, X, Y, Z) float32, label (X, Y, Z) uint8 or None, CaseProperties)."""
-        d = self.case_dir(plan_id, case)
-        mode = "r" if mmap else None
-        image = np.load(d / "image.npy", mmap_mode=mode)
-        label = np.load(d / "label.npy", mmap_mode=mode) if (d / "label.npy").exists() else None
-        meta = json.loads((d / "props.json").read_text())
-        props = CaseProperties.from_dict({k: meta[k] for k in CaseProperties.__dataclass_fields__ if k in meta})
-        return image, label, props
+        image, label, props = read_case_folder(self.case_dir(plan_id, case), mmap=mmap)
+        return image, label, case_properties(props)
 
     def lock(self) -> FileLock:
         path = self.workspace.preprocessed_lock(self.cohort)

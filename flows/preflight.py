@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unet3d.config import ConfigError
+from unet3d.config import ConfigError, PipelineConfig
 
 
 def _dataset_labels(meta: object) -> dict[int, str] | None:
@@ -32,11 +32,10 @@ def _dataset_labels(meta: object) -> dict[int, str] | None:
     return None
 
 
-def check_sources(cfg: dict) -> None:
+def check_sources(cfg: PipelineConfig) -> None:
     """cohort.source and cohort.labels_dir exist and are folders."""
-    cohort = cfg["cohort"]
     for key in ("source", "labels_dir"):
-        path = cohort.get(key)
+        path = getattr(cfg.cohort, key)
         if path is None:
             continue
         p = Path(path)
@@ -46,11 +45,10 @@ def check_sources(cfg: dict) -> None:
             raise ConfigError(f"cohort.{key}: {p} is not a folder")
 
 
-def check_labels_against_source(cfg: dict) -> None:
+def check_labels_against_source(cfg: PipelineConfig) -> None:
     """The config's labels are the labels the data declares (an MSD/nnU-Net dataset.json): otherwise every
     case would be quarantined as label_undeclared, or a declared class would never be seen."""
-    declared = cfg.get("labels")
-    source = cfg["cohort"].get("source")
+    declared, source = cfg.labels, cfg.cohort.source
     if not declared or not source:
         return
     path = Path(source) / "dataset.json"
@@ -75,13 +73,13 @@ def check_labels_against_source(cfg: dict) -> None:
         raise ConfigError(f"labels: {' and '.join(what)} ({path} declares {shown})")
 
 
-def check_catalog_cohort(workspace: str, cfg: dict) -> None:
+def check_catalog_cohort(workspace: str, cfg: PipelineConfig) -> None:
     """A config without cohort.source uses the catalog's cases: the cohort must be there."""
-    if cfg["cohort"].get("source"):
+    if cfg.cohort.source:
         return
     from data_catalog.tables import Catalog
 
-    name = cfg["cohort"]["name"]
+    name = cfg.cohort.name
     if Catalog(workspace).cases(cohort=name).empty:
         raise ConfigError(f"cohort.source: not given, and cohort {name!r} is not in the catalog of {workspace} "
                           f"(give cohort.source or run `unet3d ingest SOURCE --cohort {name}` first)")
@@ -92,7 +90,7 @@ def check_catalog_cohort(workspace: str, cfg: dict) -> None:
 PATCH_MULTIPLE = 8
 
 
-def check_patch_fits_cohort(cfg: dict, workspace: str) -> None:
+def check_patch_fits_cohort(cfg: PipelineConfig | dict, workspace: str) -> None:
     """A patch set in the config (train.patch_size, a stage's patch_size) is at most the cohort's largest
     image after resampling to the stage's spacing, rounded up to a multiple of 8, on every axis. A larger
     patch is padding along that axis in every case: refused before any training time is spent on it
@@ -103,21 +101,21 @@ def check_patch_fits_cohort(cfg: dict, workspace: str) -> None:
 
     from data_catalog.plan import header_fingerprints, make_plan
     from data_catalog.tables import Catalog
-    from unet3d.config import PipelineConfig
 
-    stages = PipelineConfig.model_validate(cfg).resolved_stages()
-    train_patch = (cfg.get("train") or {}).get("patch_size")
+    cfg = PipelineConfig.model_validate(cfg)
+    stages = cfg.resolved_stages()
+    train_patch = cfg.train.patch_size
     patches = [(f"stages[{i}].patch_size" if s.patch_size else "train.patch_size", list(s.patch_size or train_patch), s)
                for i, s in enumerate(stages) if s.patch_size or train_patch]
     if not patches:
         return
-    name = cfg["cohort"]["name"]
+    name = cfg.cohort.name
     cases = Catalog(workspace).cases(cohort=name, status="ok")
     if cases.empty:
         return
     fingerprints = header_fingerprints(cases)
     # the plan's target spacing needs only the spacings (the normalisation is not planned here)
-    plan = make_plan(fingerprints, "other", {**(cfg.get("preprocess") or {}), "normalisation": "zscore"})
+    plan = make_plan(fingerprints, "other", cfg.preprocess.model_copy(update={"normalisation": "zscore"}))
     extents_mm = np.array([np.asarray(f["canonical_shape"]) * np.asarray(f["canonical_spacing"]) for f in fingerprints])
     for key, patch, stage in patches:
         spacing = np.asarray(plan["target_spacing"]) * float(stage.spacing_factor)
@@ -134,11 +132,11 @@ def check_patch_fits_cohort(cfg: dict, workspace: str) -> None:
                 f"use at most {limit}, or leave patch_size unset to have it planned from the data")
 
 
-def preflight(cfg: dict, workspace: str | None = None) -> None:
-    """Every check that needs more than the config itself; raises ConfigError naming the key."""
-    from unet3d.config import PipelineConfig
-
-    PipelineConfig.model_validate(cfg).resolved_stages()  # a stages or a labels section
+def preflight(cfg: PipelineConfig | dict, workspace: str | None = None) -> None:
+    """Every check that needs more than the config itself; raises ConfigError naming the key. Config data (a
+    dict) is validated here first."""
+    cfg = PipelineConfig.model_validate(cfg)
+    cfg.resolved_stages()  # a stages or a labels section
     check_sources(cfg)
     check_labels_against_source(cfg)
     if workspace is not None:

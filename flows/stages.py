@@ -35,20 +35,6 @@ from .caching import drop_marker, to_data, write_marker
 log = logging.getLogger("flows.stages")
 
 
-def as_config(cfg: PipelineConfig | dict) -> PipelineConfig:
-    """The validated config; config data (a dict) is validated here, once."""
-    return cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.model_validate(cfg)
-
-
-def stage_list(cfg: PipelineConfig | dict) -> list[StageConfig]:
-    return as_config(cfg).resolved_stages()
-
-
-def _stage_settings(cfg: PipelineConfig | dict, stage: StageConfig) -> tuple[dict | None, dict]:
-    """train_settings (flows/cache_keys.py) for config data too (tests/test_recipe.py reaches it here)."""
-    return train_settings(as_config(cfg), stage)
-
-
 def _finish(workspace: str, stage: str, key: str, result: dict) -> dict:
     # As JSON data: what a cache hit reads back is then identical to what this run returns.
     result = to_data(dict(result, key=key, stage=stage, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
@@ -102,7 +88,7 @@ def _labels_match_the_data(cfg: PipelineConfig, result, errors: pd.DataFrame) ->
 # ---------------------------------------------------------------------------------------------------------
 def run_preprocess(workspace: str, cfg: PipelineConfig, key: str, refresh: bool = False) -> dict:
     cohort, modality = cfg.cohort.name, cfg.cohort.modality
-    result = run_preprocessing(workspace, cohort, cfg.preprocess.model_dump(mode="json"),
+    result = run_preprocessing(workspace, cohort, cfg.preprocess,
                                modality=None if modality == "other" else modality,
                                spacing_factors=spacing_factors(cfg), refresh=refresh)
     log.info(result.summary())
@@ -176,7 +162,8 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
               progress: bool = True, refresh: bool = False) -> dict:
     """Train one stage (resuming its checkpoints). `refresh` (--refresh train): the stage's previous
     checkpoints are removed first, so the model is really trained again from scratch."""
-    from unet3d.train import train
+    from unet3d.io import write_text_atomic
+    from unet3d.train import ModelFiles, train
 
     marker, plan_id = f"train-{stage.name}", plan_id_of(preprocess, stage)
     out, lock = model_folder(workspace, cfg, stage, preprocess)
@@ -191,7 +178,7 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
                 log.info("stage %s: --refresh train: previous checkpoints in %s removed, training from scratch",
                          stage.name, out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_spec.json").write_text(spec.to_json())
+        write_text_atomic(ModelFiles(out).train_spec, spec.to_json())
         log.info("stage %s: training on %d cases, validating on %d, in %s", stage.name, len(spec.train_cases),
                  len(spec.val_cases), out)
         result = train(spec, progress=progress)

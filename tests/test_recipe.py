@@ -184,13 +184,13 @@ def test_a_cascade_shares_its_time_between_stages():
 
 
 def test_stage_settings_give_each_cascade_stage_its_share(tmp_path):
-    from flows.stages import _stage_settings, stage_list
+    from flows.cache_keys import train_settings
 
     cfg = parse_config({"cohort": {"name": "c"}, "labels": {1: "a", 2: "b"},
                         "stages": [{"name": "roi", "classes": {1: "x"}, "merge": {1: [1, 2]}, "spacing_factor": 2},
                                    {"name": "final", "classes": {1: "a", 2: "b"}, "roi_from": "roi"}],
-                        "train": {"time_limit_min": 8}}).model_dump(mode="json")
-    budgets = [_stage_settings(cfg, s)[1]["time_limit_min"] for s in stage_list(cfg)]
+                        "train": {"time_limit_min": 8}})
+    budgets = [train_settings(cfg, s)[1]["time_limit_min"] for s in cfg.resolved_stages()]
     assert budgets[0] < 8 < budgets[1] and sum(budgets) == pytest.approx(16)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .case_folder import case_properties, read_case_folder
 from .config import INFER_DEFAULTS
 from .io import Geometry, atomic_path, from_numpy, read_image, to_numpy, write_image_atomic
 from .postprocess import apply_postprocessing
@@ -30,7 +31,7 @@ from .resample import (
 )
 from .sampling import roi_box
 from .sliding_window import sliding_window_predict
-from .train import build_model_from_config, pick_device
+from .train import ModelFiles, build_model_from_config, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,17 @@ class StageModel:
         return max(self.classes) + 1
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "auto", checkpoint: str = "checkpoint_best.pt",
+    def load(cls, model_dir: str | Path, device: str | torch.device = "auto", checkpoint: str | None = None,
              margin_mm: float | None = None) -> "StageModel":
-        model_dir = Path(model_dir)
-        meta = json.loads((model_dir / "model.json").read_text())
+        """The model of a model folder (unet3d.train.ModelFiles); `checkpoint`: a file name in it other than
+        the best checkpoint."""
+        files = ModelFiles(model_dir)
+        model_dir = files.folder
+        meta = json.loads(files.model_json.read_text())
         dev = pick_device(device) if isinstance(device, str) else device
         network = build_model_from_config(meta["model"])
-        state = torch.load(model_dir / checkpoint, map_location="cpu", weights_only=True)
+        path = model_dir / checkpoint if checkpoint else files.best_checkpoint
+        state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state["model"])
         network.to(dev).eval()
         roi = meta.get("roi") or {}
@@ -160,10 +165,8 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
 # ---------------------------------------------------------------------------------------------------------
 def load_preprocessed_case(case_dir: str | Path) -> tuple[np.ndarray, CaseProperties]:
     """A preprocessed case folder's image (1, X, Y, Z) float32 and its properties (props.json)."""
-    d = Path(case_dir)
-    meta = json.loads((d / "props.json").read_text())
-    props = CaseProperties.from_dict({k: meta[k] for k in CaseProperties.__dataclass_fields__ if k in meta})
-    return np.load(d / "image.npy"), props
+    image, _label, props = read_case_folder(case_dir)
+    return image, case_properties(props)
 
 
 @dataclass

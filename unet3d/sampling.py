@@ -7,7 +7,6 @@ meets a border at inference that it did not see in training.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .case_folder import read_case_folder
 from .config import TRAIN_DEFAULTS
 from .labels import IGNORE_LABEL, map_labels
 
@@ -67,9 +67,9 @@ def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict 
     second stage (the reference ROI; the sampler jitters it).
     """
     d = Path(case_dir)
-    meta = json.loads((d / "props.json").read_text())
-    image = np.load(d / "image.npy", mmap_mode=None if in_memory else "r")
-    raw = np.load(d / "label.npy") if (d / "label.npy").exists() else None
+    image, raw, meta = read_case_folder(d, mmap=not in_memory)
+    if raw is not None and not in_memory:
+        raw = np.array(raw)  # the label is read whole even then: its foreground coordinates are listed below
     spacing = tuple(float(s) for s in meta["effective_spacing"])
     label = map_labels(raw, label_map) if raw is not None and label_map is not None else raw
     box = None

@@ -50,6 +50,45 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files of a model folder, named once: what the trainer writes and inference and the flows read."""
+
+    folder: Path
+
+    def __init__(self, folder: str | Path):
+        object.__setattr__(self, "folder", Path(folder))
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.folder / "checkpoint_best.pt"
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.folder / "checkpoint_latest.pt"
+
+    @property
+    def model_json(self) -> Path:
+        return self.folder / "model.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.folder / "train_log.parquet"
+
+    @property
+    def learning_curve(self) -> Path:
+        return self.folder / "learning_curve.png"
+
+    @property
+    def recipe(self) -> Path:
+        return self.folder / "recipe.json"
+
+    @property
+    def train_spec(self) -> Path:
+        """The TrainSpec the flow writes, so that `torchrun -m unet3d.train SPEC.json` trains the same model."""
+        return self.folder / "train_spec.json"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What to train
 # ---------------------------------------------------------------------------------------------------------
@@ -262,8 +301,8 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
             dist.barrier()
             return recipe, reused
         dist.barrier()
-        return Recipe.from_dict(json.loads((out / "recipe.json").read_text())["recipe"]), True
-    path = out / "recipe.json"
+        return Recipe.from_dict(json.loads(ModelFiles(out).recipe.read_text())["recipe"]), True
+    path = ModelFiles(out).recipe
     if path.exists():
         try:
             saved = json.loads(path.read_text())
@@ -369,8 +408,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     total_steps = max_epochs * iters
 
     # --- resume ------------------------------------------------------------------------------------------
-    latest_path, best_path = out / "checkpoint_latest.pt", out / "checkpoint_best.pt"
-    log_path, curve_path, model_json = out / "train_log.parquet", out / "learning_curve.png", out / "model.json"
+    files = ModelFiles(out)
+    latest_path, best_path = files.latest_checkpoint, files.best_checkpoint
+    log_path, curve_path, model_json = files.train_log, files.learning_curve, files.model_json
     identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity()}, sort_keys=True))
     start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
     best_preds: list[np.ndarray] | None = None  # validation predictions of the best epoch, in this process
