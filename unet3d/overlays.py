@@ -273,21 +273,6 @@ def mean_dice_per_case(metrics: pd.DataFrame, stage: str, split: str | None = No
     return dice.groupby(rows["case_id"].astype(str)).mean().dropna()
 
 
-def pick_overlay_cases(metrics: pd.DataFrame, stage: str, split: str | None = None) -> dict[str, str]:
-    """{"best", "median", "worst"} -> case_id by each case's mean dice over the stage's classes (in `split`).
-
-    Ties go to the smaller case_id; the median is the lower middle case of the ranking. Raises ValueError when
-    the stage (and split) has no case with a dice value.
-    """
-    per_case = mean_dice_per_case(metrics, stage, split)
-    if per_case.empty:
-        where = f"stage {stage!r}" + (f", split {split!r}" if split is not None else "")
-        raise ValueError(f"no case with a dice value for {where}")
-    ranked = sorted(per_case.items(), key=lambda item: (item[1], item[0]))  # worst first
-    best = min(per_case.items(), key=lambda item: (-item[1], item[0]))
-    return {"best": best[0], "median": ranked[(len(ranked) - 1) // 2][0], "worst": ranked[0][0]}
-
-
 def read_overlay_volume(path: str | Path | Sequence[str]) -> OverlayVolume:
     """An image file, DICOM folder or DICOM series (list of slice files) reoriented, without resampling, to LPS
     voxel order; the first channel of a multichannel one."""

@@ -143,7 +143,7 @@ def pick_example_cases(metrics: pd.DataFrame, stage: str) -> list[dict]:
     The cases come from the first split of EXAMPLE_SPLITS with at least three cases with a dice value, else from
     every evaluated split together, so that best, median and worst are three different cases whenever the stage
     has three. Cases are ranked by mean dice over the stage's classes (ties: the smaller case_id ranks better);
-    the median is the middle of that ranking (the better one of an even count's two). With two cases there is
+    the median is the middle of that ranking (the worse one of an even count's two). With two cases there is
     no median, with one case it is labelled "only". Raises ValueError when the stage has no case with a dice
     value.
     """
@@ -165,7 +165,7 @@ def pick_example_cases(metrics: pd.DataFrame, stage: str) -> list[dict]:
     elif len(ranked) == 2:
         positions = [("best", 0), ("worst", 1)]
     else:
-        positions = [("best", 0), ("median", (len(ranked) - 1) // 2), ("worst", len(ranked) - 1)]
+        positions = [("best", 0), ("median", len(ranked) // 2), ("worst", len(ranked) - 1)]
     return [{"label": label, "case_id": ranked[i], "split": split_of[ranked[i]]} for label, i in positions]
 
 
