@@ -84,6 +84,30 @@ def _assert_nothing_quarantined(ws: Path, reference_ws: Path) -> None:
     assert sorted(issues["code"]) == sorted(theirs.read("issues")["code"])
 
 
+def _full_disk_at(write, nth: int, path_arg: int, concerns):
+    """`write` (a third-party writer) that raises a full disk on its `nth` call whose path argument (positional
+    `path_arg`) `concerns(path)` holds, and writes normally otherwise."""
+    seen = {"n": 0}
+
+    def writer(*args, **kwargs):
+        path = args[path_arg]
+        if isinstance(path, (str, os.PathLike)) and concerns(Path(path)):
+            seen["n"] += 1
+            if seen["n"] == nth:
+                raise _full_disk(path)
+        return write(*args, **kwargs)
+    return writer
+
+
+def _assert_same_predictions_and_metrics(ws: Path, rerun: dict, reference: dict) -> None:
+    ours_pred = _predictions(ws, rerun["report"]["run_id"])
+    theirs_pred = _predictions(reference["ws"], reference["results"]["report"]["run_id"])
+    assert sorted(ours_pred) == sorted(theirs_pred) and ours_pred
+    for name, array in ours_pred.items():
+        assert np.array_equal(array, theirs_pred[name]), name
+    pd.testing.assert_frame_equal(_metric_rows(ws), _metric_rows(reference["ws"]))
+
+
 def _assert_disk_full_message(exc: BaseException, what: str) -> None:
     message = str(exc)
     assert "disk full" in message and "\n" not in message and what in message, message
@@ -99,16 +123,7 @@ def test_full_disk_during_training_then_inference_loses_nothing(pipeline, refere
 
     # 1. The disk fills up at the second epoch's checkpoint write of the first stage.
     real_save = torch.save
-    latest_writes = {"n": 0}
-
-    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and "checkpoint_latest" in Path(f).name:
-            latest_writes["n"] += 1
-            if latest_writes["n"] == 2:
-                raise _full_disk(f)
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(torch, "save", _full_disk_at(real_save, 2, 1, lambda p: "checkpoint_latest" in p.name))
     with pytest.raises(OSError) as info:
         pipeline(config_path=str(config), workspace=str(ws))
     _assert_disk_full_message(info.value, "checkpoint_latest.pt")
@@ -118,16 +133,7 @@ def test_full_disk_during_training_then_inference_loses_nothing(pipeline, refere
 
     # 2. Training resumes and completes; the disk fills up at the third prediction written.
     real_write = sitk.WriteImage
-    prediction_writes = {"n": 0}
-
-    def write_until_the_disk_is_full(image, path, *args, **kwargs):
-        if f"{os.sep}predictions{os.sep}" in str(path):
-            prediction_writes["n"] += 1
-            if prediction_writes["n"] == 3:
-                raise _full_disk(path)
-        return real_write(image, path, *args, **kwargs)
-
-    monkeypatch.setattr(sitk, "WriteImage", write_until_the_disk_is_full)
+    monkeypatch.setattr(sitk, "WriteImage", _full_disk_at(real_write, 3, 1, lambda p: "predictions" in p.parts))
     with pytest.raises(OSError) as info:
         pipeline(config_path=str(config), workspace=str(ws))
     _assert_disk_full_message(info.value, ".nii.gz")
@@ -148,12 +154,7 @@ def test_full_disk_during_training_then_inference_loses_nothing(pipeline, refere
             assert torch.equal(tensor, theirs[name][k]), f"{name}: {k}"
     # (not the run ids: they carry the checkpoint file's digest, and torch.save writes a new random
     # serialization id into every file, so equal tensors saved twice are different files)
-    ours_pred = _predictions(ws, rerun["report"]["run_id"])
-    theirs_pred = _predictions(reference["ws"], expected["report"]["run_id"])
-    assert sorted(ours_pred) == sorted(theirs_pred) and ours_pred
-    for name, array in ours_pred.items():
-        assert np.array_equal(array, theirs_pred[name]), name
-    pd.testing.assert_frame_equal(_metric_rows(ws), _metric_rows(reference["ws"]))
+    _assert_same_predictions_and_metrics(ws, rerun, reference)
     assert _temporaries(ws) == []
     _assert_nothing_quarantined(ws, reference["ws"])
 
@@ -166,16 +167,7 @@ def test_full_disk_while_caching_stage1_probabilities_leaves_no_temporary(pipeli
     config = write_config(tmp_path / "c.yaml", tiny_cohort, train=TRAIN)
     pipeline(config_path=str(config), workspace=str(ws), until="train")
     real_save = np.save
-    cache_writes = {"n": 0}
-
-    def save_until_the_disk_is_full(file, arr, *args, **kwargs):
-        if f"{os.sep}stage1{os.sep}" in str(file):
-            cache_writes["n"] += 1
-            if cache_writes["n"] == 2:
-                raise _full_disk(file)
-        return real_save(file, arr, *args, **kwargs)
-
-    monkeypatch.setattr(np, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(np, "save", _full_disk_at(real_save, 2, 0, lambda p: "stage1" in p.parts))
     with pytest.raises(OSError) as info:
         pipeline(config_path=str(config), workspace=str(ws))
     _assert_disk_full_message(info.value, ".npy")
@@ -183,10 +175,5 @@ def test_full_disk_while_caching_stage1_probabilities_leaves_no_temporary(pipeli
     monkeypatch.setattr(np, "save", real_save)
 
     rerun = pipeline(config_path=str(config), workspace=str(ws))
-    ours_pred = _predictions(ws, rerun["report"]["run_id"])
-    theirs_pred = _predictions(reference["ws"], reference["results"]["report"]["run_id"])
-    assert sorted(ours_pred) == sorted(theirs_pred) and ours_pred
-    for name, array in ours_pred.items():
-        assert np.array_equal(array, theirs_pred[name]), name
-    pd.testing.assert_frame_equal(_metric_rows(ws), _metric_rows(reference["ws"]))
+    _assert_same_predictions_and_metrics(ws, rerun, reference)
     assert _temporaries(ws) == []

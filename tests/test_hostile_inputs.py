@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from image_files import write
 
 REPO = Path(__file__).resolve().parent.parent
 DICOM_SAMPLE = (REPO.parent / "shared" / "data" / "dicom_hippocampus_crop").resolve()
@@ -39,21 +40,6 @@ class Skip(Exception):
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
-def write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=None, direction=None,
-          vector: bool = False) -> Path:
-    """array in (x, y, z) order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T if not vector else array.transpose(2, 1, 0, 3)),
-                                   isVector=vector)
-    image.SetSpacing(spacing[: image.GetDimension()])
-    if origin is not None:
-        image.SetOrigin(origin)
-    if direction is not None:
-        image.SetDirection(direction)
-    sitk.WriteImage(image, str(path))
-    return path
-
-
 def blob(shape=SHAPE, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).normal(100, 20, shape).astype(np.float32)
 

@@ -15,21 +15,9 @@ from data_catalog.discover import IngestError, discover
 from data_catalog.ingest import ingest
 from data_catalog.validate import ISSUE_CODES
 from data_catalog.tables import Catalog
+from image_files import write
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-
-def write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=None, direction=None) -> Path:
-    """array in (x, y, z) order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
-    image.SetSpacing(spacing)
-    if origin is not None:
-        image.SetOrigin(origin)
-    if direction is not None:
-        image.SetDirection(direction)
-    sitk.WriteImage(image, str(path))
-    return path
 
 
 def blob(shape=(12, 14, 10), seed=0, dtype=np.float32) -> np.ndarray:
