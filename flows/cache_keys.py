@@ -56,7 +56,9 @@ STAGE_SOURCES = {
                "unet3d/labels.py", "unet3d/io.py", "flows.stages:run_report", "flows.stages:_overlay_cases"],
 }
 
-# Config keys that change how fast a stage runs, not what it produces.
+# Config keys that change how fast a stage runs, not what it produces. train.devices is not one of them: the
+# batch is per DDP process and each process samples its own patches, so the world size changes the weights (it
+# is in the train key and in the checkpoint folder's identity, model_identity).
 RUNTIME_ONLY = {"preprocess": {"workers", "dask_address", "memory_limit"}, "train": {"threads", "device"},
                 "infer": {"batch_size"}}
 

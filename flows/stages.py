@@ -115,7 +115,8 @@ def run_split(workspace: str, cfg: PipelineConfig, key: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 def model_folder(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> tuple[Path, Path]:
     """(the stage's checkpoint folder, its lock). Checkpoints live under the stage's data + stage + model-config
-    identity, not the budget, so that raising max_epochs continues the run instead of starting over."""
+    identity (train.devices included: another world size trains another model), not the budget, so that raising
+    max_epochs continues the run instead of starting over."""
     ws, identity = Workspace(workspace), model_identity(workspace, cfg, stage, preprocess)
     return ws.model_dir(cfg.cohort.name, stage.name, identity), ws.model_lock(cfg.cohort.name, stage.name, identity)
 
@@ -161,9 +162,10 @@ def _log_training(stage: StageConfig, result) -> None:
 def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig, preprocess: dict,
               progress: bool = True, refresh: bool = False) -> dict:
     """Train one stage (resuming its checkpoints). `refresh` (--refresh train): the stage's previous
-    checkpoints are removed first, so the model is really trained again from scratch."""
+    checkpoints are removed first, so the model is really trained again from scratch. With `train.devices: N`
+    (N > 1) the stage launches N DDP processes on train_spec.json; a failed rank fails the stage in one line."""
     from unet3d.io import write_text_atomic
-    from unet3d.train import ModelFiles, train
+    from unet3d.train import ModelFiles, train, train_distributed
 
     marker, plan_id = f"train-{stage.name}", plan_id_of(preprocess, stage)
     out, lock = model_folder(workspace, cfg, stage, preprocess)
@@ -181,7 +183,11 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
         write_text_atomic(ModelFiles(out).train_spec, spec.to_json())
         log.info("stage %s: training on %d cases, validating on %d, in %s", stage.name, len(spec.train_cases),
                  len(spec.val_cases), out)
-        result = train(spec, progress=progress)
+        devices = int(spec.train.get("devices", 1))  # the stage's own setting (train_settings resolved it)
+        if devices > 1:
+            result = train_distributed(ModelFiles(out).train_spec, devices, progress=progress)
+        else:
+            result = train(spec, progress=progress)
     _log_training(stage, result)
     return _finish(workspace, marker, key, {
         "stage_name": stage.name, "model_dir": str(out), "plan_id": plan_id, **result.to_dict(),

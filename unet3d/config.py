@@ -147,6 +147,10 @@ class TrainConfig(_Section):
     iterations_per_epoch: int | None = Field(None, ge=1)  # planned: 50, or about 1/40 of the time budget
     time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # DDP processes on this node (the train stage launches them with torch.distributed.run): one GPU each with
+    # NCCL when CUDA has that many, else CPU processes with gloo. Part of the model's identity: the batch is
+    # per process and every process samples its own patches, so another world size trains another model.
+    devices: int = Field(1, ge=1, le=64)
     batch_size: int | None = Field(None, ge=1)  # planned: 2
     patch_size: list[int] | None = None  # planned from the data
     max_patch_voxels: int = Field(128 * 128 * 128, ge=4096)

@@ -9,8 +9,10 @@ latest checkpoint (written atomically at the end of every epoch) holds model, op
 RNG states and the log. A run killed at any point restarts from the end of its last finished epoch and,
 on CPU with deterministic algorithms, ends with the same weights as an uninterrupted run.
 
-Multi-GPU: `torchrun --nproc_per_node N -m unet3d.train SPEC.json` runs DDP (NCCL on CUDA, gloo on CPU);
-rank 0 validates and writes. Pure PyTorch: no Prefect here.
+Several processes: `python -m torch.distributed.run --standalone --nproc_per_node N -m unet3d.train SPEC.json`
+runs DDP (NCCL with one GPU per process when CUDA has N devices, else gloo on CPU); rank 0 validates and writes.
+`train_distributed` launches exactly that (the train stage does, for `train.devices: N`) and turns a failed rank
+into one error line. Pure PyTorch: no Prefect here.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +93,16 @@ class ModelFiles:
     def train_spec(self) -> Path:
         """The TrainSpec the flow writes, so that `torchrun -m unet3d.train SPEC.json` trains the same model."""
         return self.folder / "train_spec.json"
+
+    @property
+    def distributed_result(self) -> Path:
+        """The TrainResult rank 0 of a launched DDP run writes (`--result`), read back by `train_distributed`."""
+        return self.folder / ".ddp_result.json"
+
+    @property
+    def rank_errors(self) -> Path:
+        """One `rank{R}.txt` per DDP rank that ended with an exception: its one-line error."""
+        return self.folder / ".ddp_rank_errors"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,16 +275,29 @@ def validate(model: nn.Module, cases: Sequence[CaseData], patch: Sequence[int], 
 # ---------------------------------------------------------------------------------------------------------
 # The training run
 # ---------------------------------------------------------------------------------------------------------
-def _distributed() -> tuple[int, int]:
+def ddp_backend(requested_device: str, local_processes: int) -> tuple[str, str]:
+    """(process-group backend, device type) for `local_processes` DDP processes on one node: NCCL with one GPU
+    each when CUDA has that many devices (and train.device is not 'cpu'), else gloo on CPU processes."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested_device == "cuda" and gpus < local_processes:
+        raise RuntimeError(f"train.device is 'cuda' with {local_processes} processes per node (train.devices), "
+                           f"but {gpus} CUDA device(s) are available")
+    if requested_device != "cpu" and gpus >= local_processes:
+        return "nccl", "cuda"
+    return "gloo", "cpu"
+
+
+def _distributed(requested_device: str) -> tuple[int, int, str]:
+    """(rank, world size, device type): joins the process group a launcher set up (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend, _ = ddp_backend(requested_device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return 0, 1, requested_device
 
 
 def build_model_from_config(model_config: dict) -> nn.Module:
@@ -318,13 +347,21 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
 
 def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     cfg = TrainConfig.model_validate(spec.train)
-    rank, world = _distributed()
+    rank, world, device_type = _distributed(cfg.device)
+    if cfg.devices > 1 and world != cfg.devices:
+        raise ValueError(f"stage {spec.stage}: train.devices is {cfg.devices} but this run has {world} process(es): "
+                         f"the train stage launches them (train_distributed), or run `python -m torch.distributed.run "
+                         f"--standalone --nproc_per_node {cfg.devices} -m unet3d.train SPEC.json`")
+    if cfg.class_weights is not None and len(cfg.class_weights) != spec.num_classes:
+        # the pipeline's config refuses this already; a hand-written train_spec.json is checked here, before any work
+        raise ValueError(f"stage {spec.stage}: train.class_weights has {len(cfg.class_weights)} weights for "
+                         f"{spec.num_classes} classes (background first): give one weight per class")
     is_main = rank == 0
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = pick_device(device_type)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -372,6 +409,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
              f"; measured {recipe.seconds_per_iteration:.3f} s/iteration" if recipe.seconds_per_iteration else "")
     for key, why in recipe.reasons.items():
         log.info("stage %s: recipe %s: %s", spec.stage, key, why)
+    if is_main and world > 1:
+        log.info("stage %s: DDP over %d processes (%s on %s), batch %d per process", spec.stage, world,
+                 dist.get_backend(), device.type, recipe.batch_size)
 
     # --- network, loss, optimiser --------------------------------------------------------------------------
     features = list(recipe.features)
@@ -411,7 +451,10 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     files = ModelFiles(out)
     latest_path, best_path = files.latest_checkpoint, files.best_checkpoint
     log_path, curve_path, model_json = files.train_log, files.learning_curve, files.model_json
-    identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity()}, sort_keys=True))
+    # The world size belongs to the identity even where train.devices does not say it (a spec run by hand under
+    # torchrun): a checkpoint of another world size would resume into different sampling and batches.
+    identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity(), "world_size": world},
+                                     sort_keys=True))
     start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
     best_preds: list[np.ndarray] | None = None  # validation predictions of the best epoch, in this process
     if latest_path.exists():
@@ -484,7 +527,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         train_seconds = time.perf_counter() - t_epoch
 
         row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
-                               "iterations": len(losses), "train_seconds": train_seconds}
+                               "iterations": len(losses), "train_seconds": train_seconds, "world_size": world}
         improved = False
         last_epoch = epoch == max_epochs - 1 or (time_limit_s is not None and len(losses) < iters)
         if is_main and val_cases and ((epoch + 1) % recipe.val_every == 0 or last_epoch):
@@ -598,20 +641,131 @@ def _write_curve(history: list[dict], path: Path, stage: str) -> None:
     plt.close(fig)
 
 
+class DistributedTrainingError(RuntimeError):
+    """A launched DDP run failed: one line naming the stage, the failed rank's error and the launcher's exit code."""
+
+
+def _parent_death_signal():
+    """A preexec_fn for the launcher (Linux): SIGTERM to it when the stage's process dies, so that a killed stage
+    leaves no orphaned ranks writing the model folder its rerun trains in. libc is resolved here, in the parent,
+    so that the forked child only makes the one call."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def _failed_rank(launcher_output: str) -> tuple[int | None, int | None]:
+    """(rank, exit code) of the first failure that torch.distributed.run reports ("Root Cause" block)."""
+    block = launcher_output.rsplit("Root Cause", 1)[1] if "Root Cause" in launcher_output else ""
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", block, re.MULTILINE)
+    code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", block, re.MULTILINE)
+    return (int(rank.group(1)) if rank else None), (int(code.group(1)) if code else None)
+
+
+def _rank_error(errors_dir: Path, rank: int | None, exit_code: int | None) -> str:
+    """The failed rank's error in words: its own one-line exception, else how it ended."""
+    if rank is not None and (errors_dir / f"rank{rank}.txt").exists():
+        return f"rank {rank} failed: {(errors_dir / f'rank{rank}.txt').read_text().strip()}"
+    if rank is not None and exit_code is not None and exit_code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            how = f"was killed by signal {-exit_code}"
+        return f"rank {rank} {how}"
+    if rank is not None:
+        return f"rank {rank} exited with code {exit_code}"
+    # No root cause in the launcher's output: the first rank that wrote an exception
+    written = sorted(errors_dir.glob("rank*.txt"), key=lambda p: p.stat().st_mtime) if errors_dir.exists() else []
+    if written:
+        return f"{written[0].stem.replace('rank', 'rank ')} failed: {written[0].read_text().strip()}"
+    return "no rank reported its error (see the launcher's output above)"
+
+
+def train_distributed(spec_path: str | Path, nproc: int, progress: bool = True) -> TrainResult:
+    """Train the TrainSpec in `spec_path` with DDP over `nproc` local processes, launched by PyTorch's own
+    launcher (`python -m torch.distributed.run --standalone`): one GPU each with NCCL when CUDA has `nproc`
+    devices, else CPU processes with gloo. The launcher's output is passed through; rank 0 writes the result.
+    A failed rank stops the run (the launcher ends the others) and raises DistributedTrainingError; the
+    checkpoints of every finished epoch stay, so the same call again resumes after the last one."""
+    spec_path = Path(spec_path)
+    spec = TrainSpec.from_json(spec_path.read_text())
+    cfg = TrainConfig.model_validate(spec.train)
+    ddp_backend(cfg.device, nproc)  # a CUDA request that cannot be met fails here, before any process starts
+    files = ModelFiles(spec.out_dir)
+    files.folder.mkdir(parents=True, exist_ok=True)
+    files.distributed_result.unlink(missing_ok=True)
+    shutil.rmtree(files.rank_errors, ignore_errors=True)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "unet3d.train", str(spec_path), "--result", str(files.distributed_result)]
+    if not progress:
+        command.append("--no-progress")
+    log.info("stage %s: launching %d DDP processes: %s", spec.stage, nproc, " ".join(command[1:]))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=_parent_death_signal())
+    tail = b""
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+            tail = (tail + chunk)[-200_000:]  # enough for the launcher's failure report
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted while waiting: the launcher ends its ranks on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
+    if code != 0:
+        rank, rank_code = _failed_rank(tail.decode(errors="replace"))
+        raise DistributedTrainingError(
+            f"stage {spec.stage}: DDP training over {nproc} processes failed: "
+            f"{_rank_error(files.rank_errors, rank, rank_code)}; torch.distributed.run exited with code {code} "
+            f"(the checkpoints of finished epochs are kept: a rerun resumes after the last one)")
+    if not files.distributed_result.exists():
+        raise DistributedTrainingError(f"stage {spec.stage}: torch.distributed.run exited with code 0 but rank 0 "
+                                       f"wrote no result ({files.distributed_result})")
+    return TrainResult(**json.loads(files.distributed_result.read_text()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unet3d.train",
                                      description="Train one stage from a TrainSpec JSON (works under torchrun).")
     parser.add_argument("spec", help="TrainSpec JSON file (written by the train stage as train_spec.json)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--result", help="rank 0 writes the TrainResult JSON here (train_distributed reads it)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under a launcher only rank 0 tells the story; the other ranks speak up for warnings and errors.
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = TrainSpec.from_json(Path(args.spec).read_text())
-    result = train(spec, progress=not args.no_progress)
+    try:
+        result = train(spec, progress=not args.no_progress)
+    except Exception as exc:
+        if "RANK" in os.environ:  # under a launcher: the rank's error in one line, for train_distributed
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            path = ModelFiles(spec.out_dir).rank_errors / f"rank{os.environ['RANK']}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{type(exc).__name__}: {first_line}\n")
+        raise
+    rank = 0
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if rank != 0:
+        return 0
+    if args.result:
+        write_json_atomic(Path(args.result), result.to_dict(), indent=1)
     print(json.dumps(result.to_dict()))
     return 0
 
