@@ -2,6 +2,18 @@
 
 By default a LocalCluster of `workers` single-threaded processes with a memory limit each; or the
 scheduler at `dask_address` (an existing cluster: dask-jobqueue on SLURM, dask-kubernetes, `dask scheduler`).
+Preprocessing, inference and evaluation all run here, one case per task (small cases grouped in chunks).
+
+GPU workers: inference asks for the worker resource "GPU" (one per task) whenever a worker of the cluster
+declares it, so that GPU work goes to GPU workers only. Start one single-threaded worker per GPU:
+
+    dask scheduler --host 0.0.0.0 --port 8786
+    CUDA_VISIBLE_DEVICES=0 dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1
+    CUDA_VISIBLE_DEVICES=1 dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1
+    dask worker tcp://HOST:8786 --nthreads 1 --nworkers 8     # CPU workers: preprocessing and evaluation
+
+and set `preprocess.dask_address: tcp://HOST:8786`. The workers need this repository importable (PYTHONPATH or
+an installed package), as for preprocessing.
 """
 from __future__ import annotations
 
@@ -24,7 +36,7 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
     from distributed import Client, LocalCluster
 
     if dask_address:
-        log.info("preprocessing on the Dask scheduler at %s", dask_address)
+        log.info("working on the Dask scheduler at %s", dask_address)
         with Client(dask_address, timeout="30s") as client:
             yield client
         return
@@ -52,7 +64,7 @@ def _run_chunk(func: Callable[..., dict], items: list[dict], *args) -> list[dict
 
 
 def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=None, desc: str = "cases",
-              progress: bool = True, chunk_size: int | None = None) -> list[dict]:
+              progress: bool = True, chunk_size: int | None = None, resources: dict | None = None) -> list[dict]:
     """func(item, *args) for every item on the Dask client; results in completion order.
 
     Small cases are grouped into chunks (a task costs the scheduler about a millisecond; a small case
@@ -61,6 +73,7 @@ def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=No
     worker that died (Dask's KilledWorker: killed on every worker it was tried on, as an out-of-memory
     kill does), cancels the remaining work and raises EnvironmentFault, whose one line names the problem
     and the cases. Cases completed before stay completed, and nothing is recorded against the cases.
+    `resources`: worker resources each task needs (e.g. {"GPU": 1}).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
@@ -73,7 +86,7 @@ def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=No
         chunk_size = max(1, min(8, len(items) // (n_workers * 6)))
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     futures = client.map(_run_chunk, [func] * len(chunks), chunks, *[[a] * len(chunks) for a in args], pure=False,
-                         key=[f"{desc}-{i}-{c[0]['case_id']}" for i, c in enumerate(chunks)])
+                         key=[f"{desc}-{i}-{c[0]['case_id']}" for i, c in enumerate(chunks)], resources=resources)
     by_key = {f.key: c for f, c in zip(futures, chunks)}
     results = []
     bar = tqdm(total=len(items), desc=desc, unit="case", disable=not progress, leave=False)
@@ -120,3 +133,92 @@ def worker_memory(client) -> dict[str, dict[str, float]]:
     peaks = client.run(_peak_rss_mb)
     current = client.run(_current_rss_mb)
     return {w: {"peak_rss_mb": peaks[w], "rss_mb": current[w]} for w in peaks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inference and evaluation per case on the cluster (the per-case functions live in unet3d)
+# ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def case_client(n_cases: int, workers: int, dask_address: str | None, memory_limit: str) -> Iterator[Any]:
+    """A Dask client for `n_cases` cases, or None where one process does the work as fast: a single case, or
+    a single local worker (starting a cluster for that costs seconds and gains nothing)."""
+    if n_cases <= 1 or (workers <= 1 and not dask_address):
+        yield None
+        return
+    with dask_client(min(workers, n_cases), dask_address, memory_limit) as client:
+        yield client
+
+
+def _worker_torch_threads() -> None:
+    """One torch thread per worker: two single-threaded workers on two cores, not two workers of N threads each
+    (a LocalCluster's OMP_NUM_THREADS does not reach the workers of an existing cluster)."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def _infer_item(item: dict, refs, plans, overlap: float, tta: bool, batch_size: int, resume: bool,
+                keep_going: bool) -> dict:
+    from unet3d.inference import infer_case, load_models
+
+    _worker_torch_threads()
+    outcome = infer_case(item["job"], load_models(refs), plans, overlap, tta, batch_size, resume, keep_going)
+    return {"case_id": item["case_id"], "index": item["index"], "outcome": outcome}
+
+
+def gpu_resources(client, device: str) -> dict | None:
+    """{"GPU": 1} when inference may use CUDA and the cluster has workers that declare a GPU; None otherwise.
+    Asking for CUDA on an existing cluster where no worker declares one is refused (the tasks would land on
+    CPU-only workers and fail there)."""
+    if device == "cpu":
+        return None
+    workers = client.scheduler_info().get("workers", {})
+    if any((w.get("resources") or {}).get("GPU", 0) >= 1 for w in workers.values()):
+        return {"GPU": 1}
+    if device == "cuda" and client.cluster is None:
+        raise ValueError("train.device is 'cuda' but no worker of the Dask scheduler declares a GPU: start GPU "
+                         "workers with `dask worker ADDRESS --nthreads 1 --resources GPU=1` (data_catalog/parallel.py)")
+    return None
+
+
+def infer_on_cluster(client, jobs, refs, plans, overlap: float, tta: bool, batch_size: int, resume: bool = True,
+                     keep_going: bool = False, progress: bool = True, desc: str = "infer"):
+    """unet3d.inference.infer_cases over the cluster, one task per case (small cases grouped): each worker
+    loads the models of `refs` (unet3d.inference.ModelRef) once, and writes each case's label maps atomically,
+    so a worker lost midway loses only its current case. The summary's outcomes are in the order of `jobs`."""
+    from unet3d.inference import InferenceSummary, infer_case, job_pending
+
+    outcomes = [None] * len(jobs)
+    items = []
+    for i, job in enumerate(jobs):
+        if job_pending(job, resume):
+            items.append({"case_id": job.case_id, "index": i, "job": job})
+        else:  # resumed or not preprocessed: answered here, no model needed, no task sent
+            outcomes[i] = infer_case(job, [], plans, resume=resume)
+    if items:
+        resources = gpu_resources(client, refs[0].device) if refs else None
+        for d in map_cases(_infer_item, items, list(refs), list(plans), overlap, tta, batch_size, resume, keep_going,
+                           client=client, desc=desc, progress=progress, resources=resources):
+            outcomes[d["index"]] = d["outcome"]
+    for o in outcomes:
+        for w in o.warnings:
+            log.warning("case %s: %s", o.case_id, w)
+    return InferenceSummary(outcomes)
+
+
+def _evaluate_item(item: dict, stages, cohort: str, model: str, connectivity: int) -> dict:
+    from unet3d.evaluation import evaluate_case
+
+    rows, lesion_rows = evaluate_case(item["case"], stages, cohort, model, connectivity)
+    return {"case_id": item["case_id"], "index": item["index"], "rows": rows, "lesion_rows": lesion_rows}
+
+
+def evaluate_on_cluster(client, cases, stages, cohort: str, model: str, connectivity: int,
+                        progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """unet3d.evaluation.evaluate_cases over the cluster, one task per case (small cases grouped): the same
+    rows in the same order (that of `cases`) as the single-process loop."""
+    items = [{"case_id": case.case_id, "index": i, "case": case} for i, case in enumerate(cases)]
+    done = sorted(map_cases(_evaluate_item, items, list(stages), cohort, model, connectivity, client=client,
+                            desc="evaluate", progress=progress), key=lambda d: d["index"])
+    return [r for d in done for r in d["rows"]], [r for d in done for r in d["lesion_rows"]]

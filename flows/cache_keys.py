@@ -192,20 +192,27 @@ def key_split(workspace: str, cfg: PipelineConfig) -> str:
 # train
 # ---------------------------------------------------------------------------------------------------------
 def train_settings(cfg: PipelineConfig, stage: StageConfig) -> tuple[dict | None, dict]:
-    """(roi settings for a cascade's second stage, train config with the stage's overrides)."""
+    """(roi settings for a cascade's second stage, train config with the stage's overrides).
+
+    The one place a stage's training settings are made: the top-level train section, then every key the stage
+    overrides (StageConfig.train_overrides: its `train` keys and its direct max_epochs, patch_size and
+    time_limit_min), then the stage's share of the time budget. The train key, the checkpoint folder's identity
+    and the TrainSpec all read this result, so a per-stage architecture changes that stage's model only."""
     stages = cfg.resolved_stages()
     roi = None
     if stage.roi_from:
         first = next(s for s in stages if s.name == stage.roi_from)
         roi = {"label_values": sorted(first.label_map()), "margin_mm": stage.margin_mm}
-    train = _json(cfg.train)
-    if stage.max_epochs:
-        train["max_epochs"] = stage.max_epochs
+    train = {**_json(cfg.train), **stage.train_overrides()}
     index = [s.name for s in stages].index(stage.name)
-    train["time_limit_min"] = stage_time_budgets(cfg.train.time_limit_min, [s.time_limit_min for s in stages])[index]
-    if stage.patch_size:
-        train["patch_size"] = stage.patch_size
+    own_budgets = [s.train_overrides().get("time_limit_min") for s in stages]
+    train["time_limit_min"] = stage_time_budgets(cfg.train.time_limit_min, own_budgets)[index]
     return roi, train
+
+
+def _stage_part(stage: StageConfig) -> dict:
+    """The stage's section as the keys see it, less its train overrides (they are in train_settings' result)."""
+    return {k: v for k, v in _json(stage).items() if k != "train"}
 
 
 def training_members(workspace: str, cfg: PipelineConfig) -> list:
@@ -219,7 +226,7 @@ def key_train(workspace: str, cfg: PipelineConfig, stage: StageConfig, preproces
     roi, train = train_settings(cfg, stage)
     # Budgets (epochs, time) are part of the key: a longer budget is a different model. The trainer resumes
     # a shorter run's checkpoints when only the budget grew (see TrainSpec.identity).
-    return stage_key("train", _json(stage), config_part("train", train), plan_id_of(preprocess, stage), roi,
+    return stage_key("train", _stage_part(stage), config_part("train", train), plan_id_of(preprocess, stage), roi,
                      training_members(workspace, cfg))
 
 
@@ -227,7 +234,7 @@ def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, prep
     """The name tail of a stage's checkpoint folder: its data + stage + model config, not the budget."""
     _roi, train = train_settings(cfg, stage)
     identity = {k: v for k, v in config_part("train", train).items() if k not in BUDGET_KEYS}
-    stage_identity = {k: v for k, v in _json(stage).items() if k not in BUDGET_KEYS}
+    stage_identity = {k: v for k, v in _stage_part(stage).items() if k not in BUDGET_KEYS}
     return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg)], 12)
 
 

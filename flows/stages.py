@@ -247,8 +247,11 @@ def _prediction_jobs(ws: Workspace, cfg: PipelineConfig, run_id: str, plans: lis
 def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict], preprocess: dict,
               progress: bool = True, refresh: bool = False) -> dict:
     """Predict every chosen case (resuming: a case predicted before an interruption is kept). `refresh`
-    (--refresh infer): this run's predictions and the stage-1 cache are removed first and recomputed."""
-    from unet3d.inference import StageModel, infer_cases
+    (--refresh infer): this run's predictions and the stage-1 cache are removed first and recomputed.
+    Cases are predicted on the preprocessing stage's Dask cluster (data_catalog/parallel.py) when more than
+    one case is pending and there is more than one worker (or a `dask_address`), else in this process."""
+    from data_catalog.parallel import case_client, infer_on_cluster
+    from unet3d.inference import ModelRef, StageModel, infer_cases, job_pending
 
     ws, run_id, stages = Workspace(workspace), run_id_for(cfg, key), cfg.resolved_stages()
     store = PreprocessedStore(workspace, cfg.cohort.name)
@@ -262,10 +265,19 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
             _set_aside(folder)
         log.info("infer %s: --refresh infer: previous predictions and stage-1 cache removed", run_id)
     record_path = _write_run_record(ws, cfg, run_id, trains, plans)
-    models = [StageModel.load(t["model_dir"], device=cfg.train.device, margin_mm=s.margin_mm if s.roi_from else None)
-              for t, s in zip(trains, stages)]
     chosen, jobs = _prediction_jobs(ws, cfg, run_id, plans, cache_id)
-    done = infer_cases(jobs, models, plans, cfg.infer.overlap, cfg.infer.tta, cfg.infer.batch_size, progress=progress)
+    margins = [s.margin_mm if s.roi_from else None for s in stages]
+    pre, infer = cfg.preprocess, cfg.infer
+    with case_client(sum(map(job_pending, jobs)), pre.workers, pre.dask_address, pre.memory_limit) as client:
+        if client is None:
+            models = [StageModel.load(t["model_dir"], device=cfg.train.device, margin_mm=m)
+                      for t, m in zip(trains, margins)]
+            done = infer_cases(jobs, models, plans, infer.overlap, infer.tta, infer.batch_size, progress=progress)
+        else:  # each worker loads the models once, keyed by the checkpoint's sha256 from the train stage
+            refs = [ModelRef.of(t["model_dir"], device=cfg.train.device, margin_mm=m, sha256=t.get("checkpoint_sha256"))
+                    for t, m in zip(trains, margins)]
+            done = infer_on_cluster(client, jobs, refs, plans, infer.overlap, infer.tta, infer.batch_size,
+                                    progress=progress)
     log.info("infer %s: %d cases predicted, %d already predicted, %d warnings -> %s", run_id, done.predicted,
              done.resumed, len(done.warnings), ws.predictions_dir(run_id))
     return _finish(workspace, "infer", key, {
@@ -278,17 +290,28 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
 # evaluate, report
 # ---------------------------------------------------------------------------------------------------------
 def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, progress: bool = True) -> dict:
+    """Metric and lesion rows of every case, on the preprocessing stage's Dask cluster when there are several
+    cases and workers (the same rows in the same order as in one process)."""
+    from data_catalog.parallel import case_client, evaluate_on_cluster
     from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
     from unet3d.report_tables import LESIONS_SCHEMA, METRICS_SCHEMA, write_partition
 
     ws, run_id = Workspace(workspace), infer["run_id"]
     run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     references = Catalog(workspace).cases(cohort=cfg.cohort.name).set_index("case_id")["label_path"]
-    stages = [EvaluatedStage(s.name, dict(s.classes), s.label_map()) for s in cfg.resolved_stages()]
+    # each stage's own architecture (stages[i].train.architecture may differ from train.architecture)
+    stages = [EvaluatedStage(s.name, dict(s.classes), s.label_map(), train_settings(cfg, s)[1]["architecture"])
+              for s in cfg.resolved_stages()]
     cases = [EvaluatedCase(cid, split, references[cid], {s.name: ws.prediction_path(run_id, s.name, cid) for s in stages})
              for cid, split in sorted(infer["splits"].items())]
-    rows, lesion_rows = evaluate_cases(cases, stages, cfg.cohort.name, cfg.train.architecture,
-                                       cfg.evaluate.lesion_connectivity, progress=progress)
+    pre, connectivity = cfg.preprocess, cfg.evaluate.lesion_connectivity
+    with case_client(len(cases), pre.workers, pre.dask_address, pre.memory_limit) as client:
+        if client is None:
+            rows, lesion_rows = evaluate_cases(cases, stages, cfg.cohort.name, cfg.train.architecture, connectivity,
+                                               progress=progress)
+        else:
+            rows, lesion_rows = evaluate_on_cluster(client, cases, stages, cfg.cohort.name, cfg.train.architecture,
+                                                    connectivity, progress=progress)
     if not rows:
         raise ValueError(f"run {run_id}: no prediction to evaluate in {ws.predictions_dir(run_id)}")
     metrics_path = write_partition(pd.DataFrame(rows), ws.report_table("metrics"), run_date, run_id, METRICS_SCHEMA)
@@ -326,7 +349,8 @@ def run_report(workspace: str, cfg: PipelineConfig, key: str, evaluate: dict) ->
     read_run_record(workspace, run_id)  # the run's record must exist, its model folders inside the workspace
     metrics = pd.read_parquet(evaluate["metrics_path"])
     lesions = pd.read_parquet(evaluate["lesions_path"])
-    summary = summarize(metrics, n_boot=cfg.evaluate.n_boot, seed=0)
+    # lesion precision/recall/F1 as rows of the same summary (metric lesion_*): the SPEC's schema is kept
+    summary = summarize(metrics, n_boot=cfg.evaluate.n_boot, seed=0, lesions=lesions)
     summary_path = write_partition(summary, ws.report_table("summary"), run_date, run_id, SUMMARY_SCHEMA)
     md = write_markdown_report(ws.run_report_dir(run_id), run_id, summary, metrics, _overlay_cases(ws, cfg, run_id, metrics),
                                lesions=lesions, title=f"{cfg.cohort.name}: run {run_id}")

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_serializer, field_validator,
+                      model_validator)
+from pydantic.fields import FieldInfo
 
 from .labels import label_map_from_merge
 
@@ -92,6 +94,10 @@ class SplitConfig(_Section):
         return v
 
 
+# A stage's own train keys that exist as direct stage keys too (the older form, still accepted).
+STAGE_TRAIN_KEYS: tuple[str, ...] = ("max_epochs", "patch_size", "time_limit_min")
+
+
 class StageConfig(_Section):
     """One stage of the cascade. `classes` are the stage's output classes; `merge` says which source label
     values make each of them (default: the class's own index)."""
@@ -105,11 +111,38 @@ class StageConfig(_Section):
     patch_size: list[int] | None = None
     max_epochs: int | None = Field(None, ge=1)  # overrides train.max_epochs for this stage
     time_limit_min: float | None = Field(None, gt=0, allow_inf_nan=False)  # default: a share of the cascade's budget
+    # Any key of the top-level train section, for this stage only (architecture, features, lr, ...); see
+    # train_overrides. Annotated by name: StageTrainConfig is made from TrainConfig, defined below.
+    train: "StageTrainConfig | None" = None
 
     @field_validator("name")
     @classmethod
     def _stage_name_is_a_path_component(cls, v: str) -> str:
         return safe_name(v, "stage name")
+
+    @model_validator(mode="after")
+    def _train_keys_given_once(self):
+        # The direct keys predate `train`; a value in both places would leave the reader to guess which counts.
+        given_in_train = self.train.model_fields_set if self.train is not None else set()
+        for key in STAGE_TRAIN_KEYS:
+            if getattr(self, key) is not None and key in given_in_train:
+                raise ValueError(f"stage {self.name}: {key} is given twice, as {key} and as train.{key}: keep one")
+        return self
+
+    @field_serializer("train")
+    def _train_as_given(self, train):
+        # only the keys the stage gives: a dumped null would read as "overridden to planned" when loaded again
+        return train.model_dump(mode="json", exclude_unset=True) if train is not None else None
+
+    def train_overrides(self) -> dict[str, Any]:
+        """The keys of the top-level train section this stage overrides, with their values (JSON data): its
+        `train` keys and its direct keys max_epochs, patch_size and time_limit_min (never both for one key).
+        A key given as null in `train` overrides too (null: planned, for the recipe keys)."""
+        overrides = self.train.model_dump(mode="json", exclude_unset=True) if self.train is not None else {}
+        for key in STAGE_TRAIN_KEYS:
+            if getattr(self, key) is not None:
+                overrides[key] = getattr(self, key)
+        return overrides
 
     @model_validator(mode="after")
     def _merge_covers_classes(self):
@@ -167,6 +200,17 @@ class TrainConfig(_Section):
     compile: bool = False
     deterministic: bool = False
     roi_jitter_mm: float = Field(6.0, ge=0)  # cascade stage 2: random shift of the reference ROI box
+    # One loss weight per class of the stage, background first (Çiçek et al. weight the background down). Its
+    # length is checked against each stage's classes in PipelineConfig, where they are known.
+    class_weights: list[float] | None = None
+
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, v):
+        if v is not None and (len(v) < 2 or any(not w >= 0 or not math.isfinite(w) for w in v) or not any(v)):
+            raise ValueError(f"class_weights must be one finite weight >= 0 per class (background first), not all "
+                             f"0, got {v}")
+        return v
 
     @field_validator("features")
     @classmethod
@@ -186,6 +230,19 @@ class TrainConfig(_Section):
     @classmethod
     def _augment_bool(cls, v):
         return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
+
+def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional and unset by default: the same types, bounds and validators (inherited),
+    so that a partial section is validated exactly as the full one; `model_fields_set` says what was given."""
+    fields = {key: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+              for key, info in model.model_fields.items()}
+    return create_model(name, __base__=model, __module__=__name__, **fields)
+
+
+#: A stage's `train` section: any subset of TrainConfig's keys.
+StageTrainConfig = _partial(TrainConfig, "StageTrainConfig")
+StageConfig.model_rebuild()
 
 
 class InferConfig(_Section):
@@ -249,6 +306,21 @@ class PipelineConfig(_Section):
                 unknown = sorted(set(s.label_map()) - set(self.labels))
                 if unknown:
                     raise ValueError(f"stages.{s.name}.merge: label values {unknown} are not among labels {sorted(self.labels)}")
+        return self
+
+    @model_validator(mode="after")
+    def _class_weights_fit_the_stages(self):
+        """One class weight per class of each stage (background included), where the stages are known."""
+        if not self.stages and not self.labels:
+            return self
+        for i, stage in enumerate(self.resolved_stages()):
+            own = stage.train_overrides()
+            weights = own.get("class_weights", self.train.class_weights)
+            n_classes = max(stage.classes) + 1
+            if weights is not None and len(weights) != n_classes:
+                key = f"stages.{i}.train.class_weights" if "class_weights" in own else "train.class_weights"
+                raise ValueError(f"{key}: {len(weights)} weights for the {n_classes} classes of stage {stage.name} "
+                                 f"(background, then classes 1-{n_classes - 1}): give one weight per class")
         return self
 
     def resolved_stages(self) -> list[StageConfig]:

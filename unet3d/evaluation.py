@@ -23,6 +23,8 @@ class EvaluatedStage:
     name: str
     classes: dict[int, str]
     label_map: dict[int, int]  # source label value -> stage class index
+    # the stage's own architecture (cascade stages may differ); None: the `model` argument of evaluate_case(s)
+    model: str | None = None
 
 
 @dataclass
@@ -46,22 +48,34 @@ def evaluate_cases(cases: Sequence[EvaluatedCase], stages: Sequence[EvaluatedSta
                    connectivity: int = EVALUATE_DEFAULTS.lesion_connectivity,
                    progress: bool = True) -> tuple[list[dict], list[dict]]:
     """(metric rows, lesion rows) of every case's existing predictions, stage by stage; `cohort` and `model`
-    (the architecture) fill those columns. A case without any prediction file gives no row."""
+    (the architecture, for stages whose EvaluatedStage.model is None) fill those columns. A case without any
+    prediction file gives no row."""
     from tqdm.auto import tqdm
 
     rows, lesion_rows = [], []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, leave=False):
-        reference = None
-        for stage in stages:
-            pred_path = case.predictions.get(stage.name)
-            if pred_path is None or not Path(pred_path).exists():
-                continue
-            if reference is None:  # read once per case, only when something is to be compared with it
-                reference, spacing = read_reference(case.reference)
-            ref = map_labels(reference, stage.label_map)
-            pred = to_numpy(read_image(pred_path))
-            base = {"cohort": cohort, "stage": stage.name, "model": model, "case_id": case.case_id, "split": case.split}
-            rows += [dict(base, **m) for m in metrics.case_metrics(pred, ref, spacing, stage.classes)]
-            lesion_rows += [dict(base, **m) for m in metrics.lesion_metrics(pred, ref, spacing, stage.classes,
-                                                                            connectivity=connectivity)]
+        case_rows, case_lesion_rows = evaluate_case(case, stages, cohort, model, connectivity)
+        rows += case_rows
+        lesion_rows += case_lesion_rows
+    return rows, lesion_rows
+
+
+def evaluate_case(case: EvaluatedCase, stages: Sequence[EvaluatedStage], cohort: str, model: str,
+                  connectivity: int = EVALUATE_DEFAULTS.lesion_connectivity) -> tuple[list[dict], list[dict]]:
+    """One case of `evaluate_cases` (the unit a Dask worker runs): its metric rows and lesion rows."""
+    rows, lesion_rows = [], []
+    reference = None
+    for stage in stages:
+        pred_path = case.predictions.get(stage.name)
+        if pred_path is None or not Path(pred_path).exists():
+            continue
+        if reference is None:  # read once per case, only when something is to be compared with it
+            reference, spacing = read_reference(case.reference)
+        ref = map_labels(reference, stage.label_map)
+        pred = to_numpy(read_image(pred_path))
+        base = {"cohort": cohort, "stage": stage.name, "model": stage.model or model, "case_id": case.case_id,
+                "split": case.split}
+        rows += [dict(base, **m) for m in metrics.case_metrics(pred, ref, spacing, stage.classes)]
+        lesion_rows += [dict(base, **m) for m in metrics.lesion_metrics(pred, ref, spacing, stage.classes,
+                                                                        connectivity=connectivity)]
     return rows, lesion_rows

@@ -8,8 +8,10 @@ exactly the input's size, spacing, origin and direction.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -252,19 +254,83 @@ def infer_cases(jobs: Sequence[PredictionJob], models: Sequence[StageModel], pla
 
     outcomes = []
     for job in tqdm(jobs, desc=desc, unit="case", disable=not progress, leave=False):
-        if resume and all(Path(p).exists() for p in job.targets.values()):
-            outcomes.append(CaseOutcome(job.case_id, [], [], resumed=True))
-            continue
-        if job.case_dirs is None and job.image is None:
-            outcomes.append(CaseOutcome(job.case_id, [], ["not preprocessed (quarantined?), skipped"]))
-            continue
-        try:
-            outcome = _predict_job(job, models, plans, overlap, tta, batch_size)
-        except Exception as exc:
-            if not keep_going:
-                raise
-            outcome = CaseOutcome(job.case_id, [], [], error=" ".join(str(exc).split()) or type(exc).__name__)
+        outcome = infer_case(job, models, plans, overlap, tta, batch_size, resume, keep_going)
         for w in outcome.warnings:
             log.warning("case %s: %s", job.case_id, w)
         outcomes.append(outcome)
     return InferenceSummary(outcomes)
+
+
+def job_pending(job: PredictionJob, resume: bool = True) -> bool:
+    """Whether `infer_case` has a prediction to make: not every target written yet (or no resume), and an input."""
+    if resume and all(Path(p).exists() for p in job.targets.values()):
+        return False
+    return job.case_dirs is not None or job.image is not None
+
+
+def infer_case(job: PredictionJob, models: Sequence[StageModel], plans: Sequence[dict],
+               overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
+               batch_size: int = INFER_DEFAULTS.batch_size, resume: bool = True,
+               keep_going: bool = False) -> CaseOutcome:
+    """One job of `infer_cases` (the unit a Dask worker runs): skipped if resumed or not preprocessed, else
+    predicted and its label maps written atomically."""
+    if not job_pending(job, resume):
+        if job.case_dirs is None and job.image is None:
+            return CaseOutcome(job.case_id, [], ["not preprocessed (quarantined?), skipped"])
+        return CaseOutcome(job.case_id, [], [], resumed=True)
+    try:
+        return _predict_job(job, models, plans, overlap, tta, batch_size)
+    except Exception as exc:
+        if not keep_going:
+            raise
+        return CaseOutcome(job.case_id, [], [], error=" ".join(str(exc).split()) or type(exc).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models loaded where the work runs (a Dask worker): once per process, not once per case
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """A stage model named by value, to be loaded by the process that predicts (StageModel.load's arguments);
+    `sha256` of the checkpoint makes a retrained model in the same folder a different cache entry."""
+
+    model_dir: str
+    sha256: str
+    device: str = "auto"
+    checkpoint: str | None = None
+    margin_mm: float | None = None
+
+    @classmethod
+    def of(cls, model_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
+           margin_mm: float | None = None, sha256: str | None = None) -> "ModelRef":
+        """The reference of a model folder; the checkpoint's sha256 is computed unless the caller knows it."""
+        folder = ModelFiles(model_dir).folder.resolve()
+        if sha256 is None:
+            path = folder / checkpoint if checkpoint else ModelFiles(folder).best_checkpoint
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            sha256 = digest.hexdigest()
+        return cls(str(folder), sha256, device, checkpoint, margin_mm)
+
+
+# A worker serves one run at a time; a few entries keep a cascade's stages (and a previous run's) without letting
+# a long-lived worker accumulate every model it ever saw.
+MODEL_CACHE_SIZE = 4
+_loaded_models: "OrderedDict[ModelRef, StageModel]" = OrderedDict()
+
+
+def load_models(refs: Sequence[ModelRef]) -> list[StageModel]:
+    """The StageModels of `refs`, each loaded once per process (cached by folder, checkpoint and its sha256)."""
+    models = []
+    for ref in refs:
+        model = _loaded_models.pop(ref, None)
+        if model is None:
+            model = StageModel.load(ref.model_dir, device=ref.device, checkpoint=ref.checkpoint,
+                                    margin_mm=ref.margin_mm)
+        _loaded_models[ref] = model  # most recently used last
+        while len(_loaded_models) > MODEL_CACHE_SIZE:
+            _loaded_models.popitem(last=False)
+        models.append(model)
+    return models

@@ -35,6 +35,9 @@ from .labels import IGNORE_LABEL
 
 #: Metrics that `summarize` aggregates, in output order.
 SUMMARY_METRICS: tuple[str, ...] = ("precision", "recall", "specificity", "dice", "iou", "hd95_mm", "assd_mm")
+#: Lesion-level metrics that `summarize` aggregates from a lesion table (summary rows of the same schema: the
+#: summary's `metric` column names them).
+LESION_SUMMARY_METRICS: tuple[str, ...] = ("lesion_precision", "lesion_recall", "lesion_f1")
 #: Columns that define a summary group, when present in the metrics table.
 SUMMARY_GROUP_KEYS: tuple[str, ...] = ("run_id", "run_date", "cohort", "stage", "split", "class_name")
 SUMMARY_COLUMNS: tuple[str, ...] = ("metric", "n_cases", "mean", "median", "std", "ci_low", "ci_high", "pooled")
@@ -323,12 +326,6 @@ def lesion_metrics(
             overlap = pred_mask & ref_mask
             detected = int(np.count_nonzero(np.unique(ref_components[overlap])))
             pred_hits = int(np.count_nonzero(np.unique(pred_components[overlap])))
-        policy = empty_mask_scores(n_ref == 0, n_pred == 0)
-        if policy is not None:
-            precision, recall, f1 = policy["precision"], policy["recall"], policy["dice"]
-        else:
-            precision, recall = pred_hits / n_pred, detected / n_ref
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
         rows.append(
             {
                 "class_index": int(class_index),
@@ -338,12 +335,22 @@ def lesion_metrics(
                 "detected": detected,
                 "missed": int(n_ref) - detected,
                 "false_lesions": int(n_pred) - pred_hits,
-                "lesion_precision": precision,
-                "lesion_recall": recall,
-                "lesion_f1": f1,
+                **lesion_scores(int(n_ref), int(n_pred), detected, pred_hits),
             }
         )
     return rows
+
+
+def lesion_scores(n_ref: int, n_pred: int, detected: int, pred_hits: int) -> dict[str, float | None]:
+    """lesion_precision, lesion_recall and lesion_f1 from lesion counts (one case's, or several cases' summed),
+    with the empty-mask policy of `lesion_metrics`. pred_hits: predicted lesions that hit a reference lesion."""
+    policy = empty_mask_scores(n_ref == 0, n_pred == 0)
+    if policy is not None:
+        precision, recall, f1 = policy["precision"], policy["recall"], policy["dice"]
+    else:
+        precision, recall = pred_hits / n_pred, detected / n_ref
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"lesion_precision": precision, "lesion_recall": recall, "lesion_f1": f1}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,8 +376,19 @@ def _pooled_scores(frame: pd.DataFrame) -> dict[str, float | None]:
     return overlap_scores(tp, fp, fn, tn, ref_empty=tp + fn == 0, pred_empty=tp + fp == 0)
 
 
+_LESION_COUNTS = ("n_ref_lesions", "n_pred_lesions", "detected", "false_lesions")
+
+
+def _pooled_lesion_scores(frame: pd.DataFrame) -> dict[str, float | None]:
+    if not set(_LESION_COUNTS) <= set(frame.columns):
+        return {}
+    n_ref, n_pred, detected, false_lesions = (int(pd.to_numeric(frame[c]).sum()) for c in _LESION_COUNTS)
+    return lesion_scores(n_ref, n_pred, detected, n_pred - false_lesions)
+
+
 def summarize(
-    metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, seed: int = 0, ci: float = 0.95
+    metrics: pd.DataFrame, n_boot: int = EVALUATE_DEFAULTS.n_boot, seed: int = 0, ci: float = 0.95,
+    lesions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Summary table: one row per group x metric.
 
@@ -382,23 +400,43 @@ def summarize(
     depend on which other groups are in the table; null when n_boot is 0, i.e. no bootstrap asked), and pooled
     (the metric recomputed from the group's summed tp/fp/fn/tn, with the empty-mask policy; null for distances).
     Null values (NaN in these float columns, written as null by pyarrow) mark undefined statistics.
+
+    lesions: a lesion table (unet3d.metrics.lesion_metrics rows with the same group columns): its
+    lesion_precision, lesion_recall and lesion_f1 get the same rows after the metrics' rows (the same bootstrap
+    over cases; pooled from the group's summed lesion counts), so the summary's schema stays one long table.
     """
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
         raise ValueError(f"n_boot must be an integer >= 0, got {n_boot!r}")
     keys = [k for k in SUMMARY_GROUP_KEYS if k in metrics.columns]
-    summarised = [m for m in SUMMARY_METRICS if m in metrics.columns]
+    rows = _summary_rows(metrics, keys, SUMMARY_METRICS, _pooled_scores, _COUNT_METRICS, n_boot, seed, ci)
+    if lesions is not None:
+        rows += _summary_rows(lesions, [k for k in keys if k in lesions.columns], LESION_SUMMARY_METRICS,
+                              _pooled_lesion_scores, LESION_SUMMARY_METRICS, n_boot, seed, ci)
+    columns = [*keys, *SUMMARY_COLUMNS]
+    table = pd.DataFrame(rows, columns=columns)
+    table["n_cases"] = table["n_cases"].astype(np.int64)
+    for column in ("mean", "median", "std", "ci_low", "ci_high", "pooled"):
+        table[column] = table[column].astype(np.float64)
+    return table
+
+
+def _summary_rows(table: pd.DataFrame, keys: list[str], metric_names: Sequence[str], pooled_scores,
+                  pooled_metrics: Sequence[str], n_boot: int, seed: int, ci: float) -> list[dict]:
+    """summarize's rows of one table: per group of `keys` and per metric of `metric_names` in it; pooled_scores
+    gives a group's pooled value of each of `pooled_metrics`."""
+    summarised = [m for m in metric_names if m in table.columns]
     if keys:
         # observed=True: hive partition keys come back as categoricals, whose unused combinations must not appear.
-        groups = metrics.groupby(keys, dropna=False, observed=True, sort=True)
+        groups = table.groupby(keys, dropna=False, observed=True, sort=True)
     else:
-        groups = [((), metrics)] if len(metrics) else []
+        groups = [((), table)] if len(table) else []
 
     rows = []
     for key_values, frame in groups:
         key_values = key_values if isinstance(key_values, tuple) else (key_values,)
-        pooled = _pooled_scores(frame)
+        pooled = pooled_scores(frame)
         for metric in summarised:
             values = pd.to_numeric(frame[metric], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
             values = values[~np.isnan(values)]
@@ -419,12 +457,7 @@ def summarize(
                     "metric": metric,
                     "n_cases": int(values.size),
                     **stats,
-                    "pooled": pooled.get(metric) if metric in _COUNT_METRICS else None,
+                    "pooled": pooled.get(metric) if metric in pooled_metrics else None,
                 }
             )
-    columns = [*keys, *SUMMARY_COLUMNS]
-    table = pd.DataFrame(rows, columns=columns)
-    table["n_cases"] = table["n_cases"].astype(np.int64)
-    for column in ("mean", "median", "std", "ci_low", "ci_high", "pooled"):
-        table[column] = table[column].astype(np.float64)
-    return table
+    return rows

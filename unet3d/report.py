@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from unet3d.io import write_text_atomic
-from unet3d.metrics import empty_mask_scores
+from unet3d.metrics import LESION_SUMMARY_METRICS, lesion_scores
 from unet3d.overlays import mean_dice_per_case, overlay_png, read_overlay_case, reference_classes
 
 #: Metrics shown by default in the console table and the Markdown report, in column order.
@@ -186,14 +186,27 @@ def lesion_like_classes(lesions: pd.DataFrame) -> pd.DataFrame:
     return lesions[most > 1]
 
 
-def _lesion_rows(lesions: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Per stage x split x class: summed lesion counts, detection precision/recall of the summed counts, and the
-    mean of the cases' lesion F1. Summed counts follow the empty policy of unet3d.metrics.lesion_metrics."""
+def _lesion_intervals(summary: pd.DataFrame | None, keys: Sequence[str]) -> dict[tuple, dict[str, pd.Series]]:
+    """The summary's lesion rows (unet3d.metrics.summarize with lesions), by (key values as text) and metric."""
+    if summary is None or summary.empty or "metric" not in summary.columns or \
+            not set(keys) <= set(summary.columns):
+        return {}
+    found: dict[tuple, dict[str, pd.Series]] = {}
+    for _, row in summary[summary["metric"].isin(LESION_SUMMARY_METRICS)].iterrows():
+        found.setdefault(tuple(str(row[k]) for k in keys), {})[row["metric"]] = row
+    return found
+
+
+def _lesion_rows(lesions: pd.DataFrame, summary: pd.DataFrame | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per stage x split x class: summed lesion counts; lesion precision, recall and F1 as the mean over cases
+    [95 % bootstrap interval] from the summary's lesion rows (the mean alone when the summary has none); and the
+    detection precision/recall of the summed counts, with the empty policy of unet3d.metrics.lesion_metrics."""
     keys = [k for k in _ROW_KEYS if k in lesions.columns]
     headers = [("class" if k == "class_name" else k) for k in keys] + [
         "cases", "reference lesions", "predicted lesions", "detected", "missed", "false lesions",
-        "lesion precision", "lesion recall", "mean case lesion F1",
+        "lesion precision", "lesion recall", "lesion F1", "pooled precision", "pooled recall",
     ]
+    intervals = _lesion_intervals(summary, keys)
     rows = []
     grouped = lesions.groupby(keys, dropna=False, sort=False, observed=True) if keys else [((), lesions)]
     for key_values, group in grouped:
@@ -201,18 +214,22 @@ def _lesion_rows(lesions: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         total = {c: int(pd.to_numeric(group[c]).sum()) for c in
                  ("n_ref_lesions", "n_pred_lesions", "detected", "missed", "false_lesions")}
         n_ref, n_pred = total["n_ref_lesions"], total["n_pred_lesions"]
-        policy = empty_mask_scores(n_ref == 0, n_pred == 0)
-        if policy is not None:
-            precision, recall = policy["precision"], policy["recall"]
-        else:
-            precision, recall = (n_pred - total["false_lesions"]) / n_pred, total["detected"] / n_ref
-        f1 = pd.to_numeric(group["lesion_f1"], errors="coerce").mean()
+        pooled = lesion_scores(n_ref, n_pred, total["detected"], n_pred - total["false_lesions"])
+        summarised = intervals.get(tuple(str(v) for v in key_values), {})
+        per_case = []
+        for metric in LESION_SUMMARY_METRICS:
+            row = summarised.get(metric)
+            if row is not None:
+                per_case.append(_format_cell(metric, row.get("mean"), row.get("ci_low"), row.get("ci_high")))
+            else:
+                per_case.append(_format_cell(metric, pd.to_numeric(group[metric], errors="coerce").mean(), None, None))
         cases = group["case_id"].nunique() if "case_id" in group else len(group)
         rows.append(
             [_MISSING if _is_missing(v) else str(v) for v in key_values]
             + [str(cases), str(n_ref), str(n_pred), str(total["detected"]), str(total["missed"]),
                str(total["false_lesions"])]
-            + [_MISSING if _is_missing(v) else f"{v:.3f}" for v in (precision, recall, f1)]
+            + per_case
+            + [_MISSING if _is_missing(v) else f"{v:.3f}" for v in (pooled["lesion_precision"], pooled["lesion_recall"])]
         )
     return headers, rows
 
@@ -271,10 +288,11 @@ def write_markdown_report(
         left_out = sorted(set(lesions["class_name"].astype(str)) - set(lesion_like["class_name"].astype(str))) \
             if "class_name" in lesions.columns else []
         if len(lesion_like):
-            headers, rows = _lesion_rows(lesion_like)
+            headers, rows = _lesion_rows(lesion_like, summary)
             lines += ["", "## Lesion-level detection", "",
-                      "Counts summed over cases; precision and recall of the summed counts. Shown for classes whose "
-                      "reference has more than one connected component in some case.", ""]
+                      "Counts summed over cases; lesion precision, recall and F1: mean over cases [95 % bootstrap "
+                      "confidence interval]; pooled: precision and recall of the summed counts. Shown for classes "
+                      "whose reference has more than one connected component in some case.", ""]
             lines += _markdown_table(headers, rows)
             if left_out:
                 lines += ["", "Single-structure classes left out: " + ", ".join(left_out) + "."]

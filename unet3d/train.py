@@ -356,6 +356,10 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         # the pipeline's config refuses this already; a hand-written train_spec.json is checked here, before any work
         raise ValueError(f"stage {spec.stage}: train.class_weights has {len(cfg.class_weights)} weights for "
                          f"{spec.num_classes} classes (background first): give one weight per class")
+    if cfg.class_weights is not None and len(cfg.class_weights) != spec.num_classes:
+        # the pipeline's config refuses this already; a hand-written train_spec.json is checked here, before any work
+        raise ValueError(f"stage {spec.stage}: train.class_weights has {len(cfg.class_weights)} weights for "
+                         f"{spec.num_classes} classes (background first): give one weight per class")
     is_main = rank == 0
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,7 +442,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     # bf16 needs no loss scaling; a scaler is kept (disabled) so checkpoints have one format on every device
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    base_loss = DiceCELoss(ignore_index=IGNORE_LABEL)
+    base_loss = DiceCELoss(ignore_index=IGNORE_LABEL, class_weights=cfg.class_weights).to(device)
     criterion = DeepSupervisionLoss(base_loss) if cfg.deep_supervision else base_loss
 
     max_epochs = recipe.max_epochs

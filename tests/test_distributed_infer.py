@@ -1,0 +1,192 @@
+"""Inference and evaluation on a real Dask cluster (a `dask scheduler` and two `dask worker` processes on
+loopback): the same predictions and metric rows as one process, and a worker killed midway loses no finished
+case (the rerun predicts only the missing ones)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_catalog.case_worker import EnvironmentFault, case_records
+from data_catalog.demo import generate_demo_cohort
+from data_catalog.ingest import ingest
+from data_catalog.parallel import evaluate_on_cluster, infer_on_cluster
+from data_catalog.preprocess import run_preprocessing
+from data_catalog.store import PreprocessedStore
+from data_catalog.tables import Catalog
+from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
+from unet3d.inference import ModelRef, PredictionJob, StageModel, infer_cases
+from unet3d.io import read_image, to_numpy
+from unet3d.train import ModelFiles, build_model_from_config
+
+pytestmark = pytest.mark.slow
+distributed = pytest.importorskip("distributed")
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = {0: "background", 1: "organ", 2: "lesion"}
+N_CASES = 14
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random_model(folder: Path, spacing) -> Path:
+    """A model folder (model.json + best checkpoint) with seeded random weights: inference needs a network,
+    not a good one."""
+    config = {"architecture": "unet3d", "in_channels": 1, "num_classes": 3, "features": [8, 16],
+              "strides": [[1, 1, 1], [2, 2, 2]], "kernel_sizes": [[3, 3, 3], [3, 3, 3]], "norm": "instance",
+              "dropout": 0.0, "deep_supervision": False}
+    torch.manual_seed(0)
+    network = build_model_from_config(config)
+    files = ModelFiles(folder)
+    folder.mkdir(parents=True)
+    torch.save({"model": network.state_dict()}, files.best_checkpoint)
+    files.model_json.write_text(json.dumps({
+        "model": config, "patch_size": [16, 16, 16], "spacing": list(spacing), "classes": CLASSES,
+        "label_map": {0: 0, 1: 1, 2: 2}, "roi": None, "stage": "full"}))
+    return folder
+
+
+def _start_cluster(port: int, env: dict) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """A scheduler that gives up on a task at its first lost worker (allowed-failures 0, so that killing a
+    worker fails the run and the rerun has something to redo) and two nanny-less workers: the Popen is the
+    worker process itself, so that SIGKILL really removes it."""
+    address = f"tcp://127.0.0.1:{port}"
+    cli = [sys.executable, "-m"]
+    scheduler = subprocess.Popen([*cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], env=dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen([*cli, "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
+                                 "--no-dashboard", "--memory-limit", "2GB"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    return scheduler, workers
+
+
+def _predictions(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: to_numpy(read_image(p)) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def _file_identity(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.nii.gz")}
+
+
+def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_survive_a_killed_worker(tmp_path):
+    src = generate_demo_cohort(tmp_path / "src", n_cases=N_CASES, seed=5, shape=(40, 40, 20),
+                               base_spacing=(2.0, 2.0, 4.0))
+    ws = tmp_path / "ws"
+    ingest(src, "demo", ws)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    scheduler, workers = _start_cluster(port, env)
+    try:
+        with distributed.Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+            pre = run_preprocessing(ws, "demo", {"workers": 2, "dask_address": address, "memory_limit": "2GB"},
+                                    progress=False)
+            assert pre.processed == N_CASES and not pre.failed
+            store = PreprocessedStore(ws, "demo")
+            plan = store.load_plan(pre.plan_ids[1.0])
+            model_dir = _random_model(tmp_path / "model", plan["target_spacing"])
+            records = case_records(Catalog(ws).cases(cohort="demo", status="ok"))
+            assert len(records) == N_CASES
+
+            def jobs(out: Path) -> list[PredictionJob]:
+                return [PredictionJob(r["case_id"], {"full": out / f"{r['case_id']}.nii.gz"},
+                                      case_dirs=[store.case_dir(plan["plan_id"], r)]) for r in records]
+
+            stages = [EvaluatedStage("full", {c: n for c, n in CLASSES.items() if c}, {0: 0, 1: 1, 2: 2})]
+
+            def evaluated(out: Path) -> list[EvaluatedCase]:
+                return [EvaluatedCase(r["case_id"], "test", r["label_path"], {"full": out / f"{r['case_id']}.nii.gz"})
+                        for r in records]
+
+            settings = dict(overlap=0.5, tta=False, batch_size=2)
+            ref = ModelRef.of(model_dir, device="cpu")
+
+            # --- one process: the reference ---------------------------------------------------------------
+            single = tmp_path / "single"
+            one = infer_cases(jobs(single), [StageModel.load(model_dir, device="cpu")], [plan], **settings,
+                              progress=False)
+            assert one.predicted == N_CASES
+            voxels = np.stack([np.bincount(a.ravel(), minlength=3) for a in _predictions(single).values()])
+            assert (voxels[:, 1:] > 0).any(), "the model predicts background only: a weak comparison"
+            rows, lesion_rows = evaluate_cases(evaluated(single), stages, "demo", "unet3d", 26, progress=False)
+
+            # --- the cluster: same arrays, same rows in the same order ------------------------------------
+            spread = tmp_path / "spread"
+            two = infer_on_cluster(client, jobs(spread), [ref], [plan], **settings, progress=False)
+            assert [o.case_id for o in two.outcomes] == [r["case_id"] for r in records]
+            assert two.predicted == N_CASES and two.resumed == 0
+            reference_arrays, spread_arrays = _predictions(single), _predictions(spread)
+            assert reference_arrays.keys() == spread_arrays.keys() and len(reference_arrays) == N_CASES
+            for name, array in reference_arrays.items():
+                np.testing.assert_array_equal(spread_arrays[name], array, err_msg=name)
+            rows2, lesion_rows2 = evaluate_on_cluster(client, evaluated(spread), stages, "demo", "unet3d", 26,
+                                                      progress=False)
+            pd.testing.assert_frame_equal(pd.DataFrame(rows2), pd.DataFrame(rows))
+            pd.testing.assert_frame_equal(pd.DataFrame(lesion_rows2), pd.DataFrame(lesion_rows))
+            # each worker loaded the model once, whatever number of cases it predicted
+            loads = client.run(lambda: len(__import__("unet3d.inference").inference._loaded_models))
+            assert sorted(loads.values()) == [1, 1]
+
+            # --- a worker killed once predictions exist: finished cases stay, the rerun redoes the rest -----
+            killed = tmp_path / "killed"
+            failure: list[BaseException] = []
+
+            def first_run():
+                try:
+                    infer_on_cluster(client, jobs(killed), [ref], [plan], **settings, progress=False)
+                except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                    failure.append(exc)
+
+            runner = threading.Thread(target=first_run)
+            runner.start()
+            deadline = time.monotonic() + 300
+            while not list(killed.glob("*.nii.gz")):
+                assert runner.is_alive() and time.monotonic() < deadline, "no prediction appeared"
+                time.sleep(0.01)
+            finished_at_kill = _file_identity(killed)
+            os.kill(workers[0].pid, signal.SIGKILL)
+            runner.join(timeout=300)
+            assert not runner.is_alive()
+            assert len(finished_at_kill) < N_CASES, "every case had finished before the kill"
+            assert failure and isinstance(failure[0], EnvironmentFault), failure
+            assert "worker process died" in str(failure[0])
+
+            # a case the surviving worker was running when the run was cancelled still finishes (and is kept)
+            while any(client.run(lambda dask_worker: len(dask_worker.state.all_running_tasks)).values()):
+                time.sleep(0.05)
+            survivors = _file_identity(killed)
+            assert finished_at_kill.items() <= survivors.items()  # nothing finished was lost or rewritten
+            assert len(survivors) < N_CASES
+            rerun = infer_on_cluster(client, jobs(killed), [ref], [plan], **settings, progress=False)
+            assert rerun.resumed == len(survivors) and rerun.predicted == N_CASES - len(survivors)
+            assert survivors.items() <= _file_identity(killed).items()  # the rerun did not touch them
+            rerun_arrays = _predictions(killed)
+            assert rerun_arrays.keys() == reference_arrays.keys()
+            for name, array in reference_arrays.items():
+                np.testing.assert_array_equal(rerun_arrays[name], array, err_msg=name)
+    finally:
+        for p in [*workers, scheduler]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [*workers, scheduler]:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
