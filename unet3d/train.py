@@ -356,10 +356,6 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         # the pipeline's config refuses this already; a hand-written train_spec.json is checked here, before any work
         raise ValueError(f"stage {spec.stage}: train.class_weights has {len(cfg.class_weights)} weights for "
                          f"{spec.num_classes} classes (background first): give one weight per class")
-    if cfg.class_weights is not None and len(cfg.class_weights) != spec.num_classes:
-        # the pipeline's config refuses this already; a hand-written train_spec.json is checked here, before any work
-        raise ValueError(f"stage {spec.stage}: train.class_weights has {len(cfg.class_weights)} weights for "
-                         f"{spec.num_classes} classes (background first): give one weight per class")
     is_main = rank == 0
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
