@@ -105,8 +105,14 @@ def check_patch_fits_cohort(cfg: PipelineConfig | dict, workspace: str) -> None:
     cfg = PipelineConfig.model_validate(cfg)
     stages = cfg.resolved_stages()
     train_patch = cfg.train.patch_size
-    patches = [(f"stages[{i}].patch_size" if s.patch_size else "train.patch_size", list(s.patch_size or train_patch), s)
-               for i, s in enumerate(stages) if s.patch_size or train_patch]
+    patches = []
+    for i, s in enumerate(stages):
+        own = s.train_overrides()  # a stage's patch_size, given directly or in its `train`, replaces train's
+        patch = own["patch_size"] if "patch_size" in own else train_patch
+        if patch:  # None: planned from the data, which fits by construction
+            key = ("train.patch_size" if "patch_size" not in own
+                   else f"stages[{i}].patch_size" if s.patch_size else f"stages[{i}].train.patch_size")
+            patches.append((key, list(patch), s))
     if not patches:
         return
     name = cfg.cohort.name

@@ -12,7 +12,7 @@ import pytest
 
 from flows.cache_keys import train_settings
 from pipeline_helpers import write_config
-from unet3d.config import ConfigError, parse_config
+from unet3d.config import ConfigError, load_config, parse_config
 
 CASCADE = {
     "cohort": {"name": "c"},
@@ -175,3 +175,20 @@ def test_cascade_with_an_architecture_per_stage_runs_end_to_end_and_predicts(tin
     assert cli(["predict", "--workspace", str(ws), "--model", run_id, str(image), "--out", str(out)]) == 0
     name = image.name.removesuffix(".nii.gz")
     assert (out / f"{name}.nii.gz").exists() and (out / "stage1" / f"{name}.nii.gz").exists()  # organ: stage 1
+
+
+def test_a_stage_train_patch_is_checked_against_the_cohort_like_a_direct_one(tiny_cohort, tmp_path):
+    from data_catalog.ingest import ingest
+    from flows.preflight import check_patch_fits_cohort
+
+    ws = tmp_path / "ws"
+    ingest(tiny_cohort, "tiny", ws)
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_cohort)).model_dump(mode="json")
+    cfg["stages"][0]["train"] = {"patch_size": [32, 32, 16]}  # all padding on the organ stage's 2x coarser grid
+    with pytest.raises(ConfigError, match=r"^stages\[0\]\.train\.patch_size: .*stage organ"):
+        check_patch_fits_cohort(cfg, str(ws))
+    # null in a stage's train: planned for that stage, whatever train.patch_size says
+    cfg["train"]["patch_size"] = [32, 32, 16]
+    cfg["stages"][0]["train"] = {"patch_size": None}
+    cfg["stages"][1]["patch_size"] = [16, 16, 8]
+    check_patch_fits_cohort(cfg, str(ws))
