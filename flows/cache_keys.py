@@ -27,7 +27,7 @@ from typing import Any
 from data_catalog.hashing import sha256_file, stable_hash
 from data_catalog.splits import split_table
 from data_catalog.tables import Catalog
-from unet3d.config import PipelineConfig, StageConfig
+from unet3d.config import PipelineConfig, StageConfig, model_train_settings
 from unet3d.recipe import stage_time_budgets
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def key_train(workspace: str, cfg: PipelineConfig, stage: StageConfig, preproces
 def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> str:
     """The name tail of a stage's checkpoint folder: its data + stage + model config, not the budget."""
     _roi, train = train_settings(cfg, stage)
-    identity = {k: v for k, v in config_part("train", train).items() if k not in BUDGET_KEYS}
+    identity = {k: v for k, v in config_part("train", model_train_settings(train)).items() if k not in BUDGET_KEYS}
     stage_identity = {k: v for k, v in _stage_part(stage).items() if k not in BUDGET_KEYS}
     return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg)], 12)
 

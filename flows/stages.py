@@ -183,7 +183,7 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
         write_text_atomic(ModelFiles(out).train_spec, spec.to_json())
         log.info("stage %s: training on %d cases, validating on %d, in %s", stage.name, len(spec.train_cases),
                  len(spec.val_cases), out)
-        devices = int(spec.train.get("devices", 1))  # the stage's own setting (train_settings resolved it)
+        devices = spec.train["devices"]  # the stage's own setting (train_settings resolved it)
         if devices > 1:
             result = train_distributed(ModelFiles(out).train_spec, devices, progress=progress)
         else:

@@ -167,3 +167,19 @@ def test_every_listed_source_exists():
     """A file renamed or split without updating STAGE_SOURCES would stop its changes invalidating the cache."""
     K.code_version.cache_clear()
     assert all(len(K.code_version(stage)) == 12 for stage in K.STAGES)
+
+
+def test_later_train_settings_at_their_default_leave_a_models_identity_unchanged():
+    """train.devices and train.class_weights came after models had been trained: at their default they must not
+    change the checkpoint folder, the resume check or the recipe's identity (an existing model would otherwise
+    be trained again from scratch); set to anything else they do."""
+    from unet3d.config import LATER_TRAIN_SETTINGS, TrainConfig, model_train_settings
+    from unet3d.train import TrainSpec
+
+    train = TrainConfig().model_dump(mode="json")
+    before = {k: v for k, v in train.items() if k not in LATER_TRAIN_SETTINGS}  # a config of older code
+    assert model_train_settings(train) == before
+    spec = dict(out_dir="m", train_cases=["a__1"], val_cases=[], classes={1: "x"}, label_map={1: 1})
+    assert TrainSpec(train=train, **spec).identity() == TrainSpec(train=before, **spec).identity()
+    assert model_train_settings(dict(train, devices=2))["devices"] == 2
+    assert model_train_settings(dict(train, class_weights=[0.5, 1.0]))["class_weights"] == [0.5, 1.0]

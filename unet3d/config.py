@@ -432,3 +432,15 @@ def load_config(path: str | Path) -> PipelineConfig:
                           f"save the config as UTF-8") from None
     data = load_yaml(text, path)
     return parse_config(data or {}, base_dir=path.parent)
+
+
+# Train settings added after models were first trained with this project. At their default they are left out
+# of every identity of a model (its checkpoint folder, its checkpoints' resume check, its recipe), so a model
+# trained before a setting existed is still found and resumed instead of trained again from scratch.
+LATER_TRAIN_SETTINGS = ("devices", "class_weights")
+
+
+def model_train_settings(train: dict) -> dict:
+    """A stage's train settings as they identify its model: the later settings left out at their default."""
+    return {k: v for k, v in train.items()
+            if not (k in LATER_TRAIN_SETTINGS and v == getattr(TRAIN_DEFAULTS, k))}

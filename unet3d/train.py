@@ -40,7 +40,7 @@ from torch import nn
 
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
-from .config import INFER_DEFAULTS, TrainConfig
+from .config import INFER_DEFAULTS, TrainConfig, model_train_settings
 from .io import atomic_path, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
@@ -141,7 +141,8 @@ class TrainSpec:
 
     def identity(self) -> dict:
         """What makes a checkpoint resumable by this spec (not the epoch or time budgets)."""
-        train = {k: v for k, v in self.train.items() if k not in ("max_epochs", "time_limit_min", "threads")}
+        train = {k: v for k, v in model_train_settings(self.train).items()
+                 if k not in ("max_epochs", "time_limit_min", "threads")}
         return {"train_cases": sorted(Path(c).name for c in self.train_cases), "classes": self.classes,
                 "label_map": self.label_map, "train": train, "roi": self.roi, "patch_size": self.patch_size}
 
@@ -452,9 +453,10 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     latest_path, best_path = files.latest_checkpoint, files.best_checkpoint
     log_path, curve_path, model_json = files.train_log, files.learning_curve, files.model_json
     # The world size belongs to the identity even where train.devices does not say it (a spec run by hand under
-    # torchrun): a checkpoint of another world size would resume into different sampling and batches.
-    identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity(), "world_size": world},
-                                     sort_keys=True))
+    # torchrun): a checkpoint of another world size would resume into different sampling and batches. One
+    # process is the identity checkpoints had before DDP could be launched by the stage, so it is not written.
+    identity = json.loads(json.dumps({**spec.identity(), "recipe": recipe.identity(),
+                                      **({"world_size": world} if world > 1 else {})}, sort_keys=True))
     start_epoch, elapsed, history, best_dice, best_epoch, resumed_from = 0, 0.0, [], -1.0, -1, None
     best_preds: list[np.ndarray] | None = None  # validation predictions of the best epoch, in this process
     if latest_path.exists():
