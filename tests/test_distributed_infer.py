@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline_helpers import write_config
+
 from data_catalog.case_worker import EnvironmentFault, case_records
 from data_catalog.demo import generate_demo_cohort
 from data_catalog.ingest import ingest
@@ -61,14 +63,16 @@ def _random_model(folder: Path, spacing) -> Path:
     return folder
 
 
-def _start_cluster(port: int, env: dict) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """A scheduler that gives up on a task at its first lost worker (allowed-failures 0, so that killing a
-    worker fails the run and the rerun has something to redo) and two nanny-less workers: the Popen is the
-    worker process itself, so that SIGKILL really removes it."""
+def _start_cluster(port: int, env: dict, allowed_failures: int = 3) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """A `dask scheduler` and two nanny-less `dask worker`s (the Popen is the worker process itself, so that
+    SIGKILL really removes it). allowed_failures 0: the scheduler gives up on a task at its first lost worker, so
+    that killing a worker fails the run and the rerun has something to redo (Dask's default, 3, retries it on the
+    other worker)."""
     address = f"tcp://127.0.0.1:{port}"
     cli = [sys.executable, "-m"]
     scheduler = subprocess.Popen([*cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], env=dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="0"),
+                                  "--no-dashboard"],
+                                 env=dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(allowed_failures)),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = [subprocess.Popen([*cli, "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
                                  "--no-dashboard", "--memory-limit", "2GB"], env=env,
@@ -92,7 +96,7 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    scheduler, workers = _start_cluster(port, env)
+    scheduler, workers = _start_cluster(port, env, allowed_failures=0)
     try:
         with distributed.Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
@@ -182,11 +186,53 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             for name, array in reference_arrays.items():
                 np.testing.assert_array_equal(rerun_arrays[name], array, err_msg=name)
     finally:
-        for p in [*workers, scheduler]:
-            if p.poll() is None:
-                p.terminate()
-        for p in [*workers, scheduler]:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop([*workers, scheduler])
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_the_pipeline_infers_and_evaluates_on_a_dask_scheduler_as_in_one_process(tiny_cohort, tmp_path):
+    """flows: run_infer and run_evaluate on `preprocess.dask_address` (a cascade, so the stage-1 cache too) give
+    the single-process run's predictions and metric rows; dask_address is runtime-only, so the run is the same."""
+    from flows.pipeline import pipeline_flow
+
+    ws = tmp_path / "ws"
+    first = pipeline_flow(config_path=str(write_config(tmp_path / "one.yaml", tiny_cohort)), workspace=str(ws))
+    run_id = first["report"]["run_id"]
+    predictions = ws / "predictions" / run_id
+    reference = {p.relative_to(predictions): to_numpy(read_image(p)) for p in predictions.rglob("*.nii.gz")}
+    assert len(reference) == 2 * len(first["infer"]["splits"]) >= 4
+    tables = {name: pd.read_parquet(ws / "reports" / name) for name in ("metrics", "lesions")}
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    scheduler, workers = _start_cluster(port, env)
+    try:
+        with distributed.Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+            config = write_config(tmp_path / "cluster.yaml", tiny_cohort,
+                                  preprocess={"workers": 2, "dask_address": address})
+            second = pipeline_flow(config_path=str(config), workspace=str(ws), refresh=["infer"])
+            # the work ran on the workers: each that predicted holds both stages' models, loaded once
+            loaded = client.run(lambda: len(__import__("unet3d.inference").inference._loaded_models))
+        assert sum(loaded.values()) >= 2 and set(loaded.values()) <= {0, 2}, loaded
+    finally:
+        _stop([*workers, scheduler])
+    assert second["report"]["run_id"] == run_id
+    assert second["infer"]["predicted"] == len(first["infer"]["splits"]) and second["infer"]["resumed"] == 0
+    again = {p.relative_to(predictions): to_numpy(read_image(p)) for p in predictions.rglob("*.nii.gz")}
+    assert again.keys() == reference.keys()
+    for name, array in reference.items():
+        np.testing.assert_array_equal(again[name], array, err_msg=str(name))
+    for name, table in tables.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(ws / "reports" / name), table)

@@ -1,0 +1,190 @@
+"""Inference + evaluation of 200 cases: a real Dask cluster (a `dask scheduler` and 2 single-threaded
+`dask worker` processes on loopback) against one process, in the same run, on the same inputs.
+
+Cohort: `data_catalog.demo` phantoms (tiny, 40x40x20 voxels by default), ingested and preprocessed first (not
+timed). Model: a small `unet3d` network with seeded random weights (inference needs a network, not a good one).
+Both sides run the pipeline's own code: the baseline `unet3d.inference.infer_cases` + `unet3d.evaluation.
+evaluate_cases` in this process (torch with its default threads, one per core), ours
+`data_catalog.parallel.infer_on_cluster` + `evaluate_on_cluster` over the cluster; the cluster is started before
+the clock (an existing cluster, as with `preprocess.dask_address`), while connecting to it, shipping the work
+and loading the model on each worker are timed. Both write their predictions to their own folder; the script
+checks that every array and every metric row is identical before reporting.
+
+    python benchmarks/distributed_infer.py [--cases 200] [--shape 40x40x20] [--tta]
+
+Ends with one JSON line: {"benchmark": "distributed_infer_eval_200", "ours": s, "baseline": s, "unit": "s",
+"ratio": ours/baseline} (target: ratio <= 0.75 on a 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+CLASSES = {0: "background", 1: "organ", 2: "lesion"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random_model(folder: Path, spacing, features: list[int]) -> Path:
+    from unet3d.train import ModelFiles, build_model_from_config
+
+    config = {"architecture": "unet3d", "in_channels": 1, "num_classes": 3, "features": features,
+              "strides": [[1, 1, 1]] + [[2, 2, 2]] * (len(features) - 1),
+              "kernel_sizes": [[3, 3, 3]] * len(features), "norm": "instance", "dropout": 0.0,
+              "deep_supervision": False}
+    torch.manual_seed(0)
+    network = build_model_from_config(config)
+    files = ModelFiles(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network.state_dict()}, files.best_checkpoint)
+    files.model_json.write_text(json.dumps({
+        "model": config, "patch_size": [16, 16, 16], "spacing": list(spacing), "classes": CLASSES,
+        "label_map": {0: 0, 1: 1, 2: 2}, "roi": None, "stage": "full"}))
+    return folder
+
+
+def _start_cluster(port: int, n_workers: int) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"], **quiet)]
+    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
+                                "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GB"], **quiet)
+              for _ in range(n_workers)]
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _arrays(folder: Path) -> dict[str, np.ndarray]:
+    from unet3d.io import read_image, to_numpy
+
+    return {p.name: to_numpy(read_image(p)) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=200)
+    ap.add_argument("--shape", default="40x40x20", help="phantom grid, voxels XxYxZ")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--features", default="8,16", help="network widths per level")
+    ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x the network work)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the cohort and outputs here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from distributed import Client
+
+    from data_catalog.case_worker import case_records
+    from data_catalog.demo import generate_demo_cohort
+    from data_catalog.ingest import ingest
+    from data_catalog.parallel import evaluate_on_cluster, infer_on_cluster
+    from data_catalog.preprocess import run_preprocessing
+    from data_catalog.store import PreprocessedStore
+    from data_catalog.tables import Catalog
+    from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
+    from unet3d.inference import ModelRef, PredictionJob, StageModel, infer_cases
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="distributed_infer_"))
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = _start_cluster(port, args.workers)
+    try:
+        t0 = time.perf_counter()
+        src = generate_demo_cohort(root / "src", n_cases=args.cases, seed=5, shape=shape, base_spacing=(2.0, 2.0, 4.0))
+        ws = root / "ws"
+        ingest(src, "demo", ws)
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(args.workers, timeout=120)
+        pre = run_preprocessing(ws, "demo", {"workers": args.workers, "dask_address": address}, progress=False)
+        if pre.failed:
+            raise SystemExit(f"preprocessing failed for {len(pre.failed)} cases: {pre.failed[:3]}")
+        store = PreprocessedStore(ws, "demo")
+        plan = store.load_plan(pre.plan_ids[1.0])
+        records = case_records(Catalog(ws).cases(cohort="demo", status="ok"))
+        model_dir = _random_model(root / "model", plan["target_spacing"], [int(f) for f in args.features.split(",")])
+        print(f"setup (cohort of {len(records)} cases, preprocessing, cluster): {time.perf_counter() - t0:.1f} s",
+              flush=True)
+
+        def jobs(out: Path) -> list[PredictionJob]:
+            shutil.rmtree(out, ignore_errors=True)
+            return [PredictionJob(r["case_id"], {"full": out / f"{r['case_id']}.nii.gz"},
+                                  case_dirs=[store.case_dir(plan["plan_id"], r)]) for r in records]
+
+        def evaluated(out: Path) -> list[EvaluatedCase]:
+            return [EvaluatedCase(r["case_id"], "test", r["label_path"], {"full": out / f"{r['case_id']}.nii.gz"})
+                    for r in records]
+
+        stages = [EvaluatedStage("full", {1: "organ", 2: "lesion"}, {0: 0, 1: 1, 2: 2})]
+        settings = dict(overlap=0.5, tta=args.tta, batch_size=2)
+
+        # --- baseline: one process -------------------------------------------------------------------------
+        single = root / "single"
+        single_jobs = jobs(single)
+        t0 = time.perf_counter()
+        models = [StageModel.load(model_dir, device="cpu")]
+        infer_cases(single_jobs, models, [plan], **settings, progress=False)
+        rows, lesion_rows = evaluate_cases(evaluated(single), stages, "demo", "unet3d", 26, progress=False)
+        baseline = time.perf_counter() - t0
+        print(f"one process ({torch.get_num_threads()} torch threads): {baseline:.2f} s", flush=True)
+
+        # --- ours: the cluster ------------------------------------------------------------------------------
+        spread = root / "spread"
+        spread_jobs = jobs(spread)
+        t0 = time.perf_counter()
+        with Client(address, timeout="60s") as client:
+            infer_on_cluster(client, spread_jobs, [ModelRef.of(model_dir, device="cpu")], [plan], **settings,
+                             progress=False)
+            rows2, lesion_rows2 = evaluate_on_cluster(client, evaluated(spread), stages, "demo", "unet3d", 26,
+                                                      progress=False)
+        ours = time.perf_counter() - t0
+        print(f"Dask, {args.workers} workers x 1 thread: {ours:.2f} s", flush=True)
+
+        a, b = _arrays(single), _arrays(spread)
+        if a.keys() != b.keys() or len(a) != len(records) or any(not np.array_equal(a[k], b[k]) for k in a):
+            raise SystemExit("the cluster's predictions differ from the single process's")
+        pd.testing.assert_frame_equal(pd.DataFrame(rows2), pd.DataFrame(rows))
+        pd.testing.assert_frame_equal(pd.DataFrame(lesion_rows2), pd.DataFrame(lesion_rows))
+        foreground = sum(int((v > 0).sum()) for v in a.values())
+        print(f"identical: {len(a)} prediction arrays ({foreground} foreground voxels), {len(rows)} metric rows, "
+              f"{len(lesion_rows)} lesion rows", flush=True)
+    finally:
+        _stop(procs)
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"benchmark": f"distributed_infer_eval_{args.cases}", "ours": round(ours, 3),
+                      "baseline": round(baseline, 3), "unit": "s", "ratio": round(ours / baseline, 3)}))
+
+
+if __name__ == "__main__":
+    main()
