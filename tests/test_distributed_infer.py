@@ -185,6 +185,25 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             assert rerun_arrays.keys() == reference_arrays.keys()
             for name, array in reference_arrays.items():
                 np.testing.assert_array_equal(rerun_arrays[name], array, err_msg=name)
+
+            # --- GPU work goes to the workers that declare a GPU ---------------------------------------------
+            with pytest.raises(ValueError, match="no worker of the Dask scheduler declares a GPU"):
+                infer_on_cluster(client, jobs(tmp_path / "cuda"), [ModelRef.of(model_dir, device="cuda")], [plan],
+                                 **settings, progress=False)
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
+                 "--no-dashboard", "--memory-limit", "2GB", "--resources", "GPU=1"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            client.wait_for_workers(2, timeout=120)
+            gpu_workers = {a for a, w in client.scheduler_info()["workers"].items()
+                           if (w.get("resources") or {}).get("GPU")}
+            assert len(gpu_workers) == 1
+            with distributed.get_task_stream(client) as stream:
+                routed = infer_on_cluster(client, jobs(tmp_path / "routed"), [ModelRef.of(model_dir, device="auto")],
+                                          [plan], **settings, progress=False)
+            assert routed.predicted == N_CASES
+            infer_tasks = [t for t in stream.data if str(t["key"]).startswith("infer-")]
+            assert infer_tasks and {t["worker"] for t in infer_tasks} == gpu_workers
     finally:
         _stop([*workers, scheduler])
 
