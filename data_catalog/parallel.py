@@ -40,8 +40,10 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
         with Client(dask_address, timeout="30s") as client:
             yield client
         return
+    # The scheduler's HTTP server starts even without a dashboard, on port 8787 when the address is None (and
+    # warns "Port 8787 is already in use" when another cluster has it): a free local port instead.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
-                           dashboard_address=None, silence_logs=logging.ERROR, env=dict(WORKER_ENV))
+                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
     try:
         with Client(cluster) as client:
             yield client
