@@ -13,12 +13,19 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 STAGE_COMMANDS = ("preprocess", "split", "train", "infer", "evaluate")
 STAGE_NAMES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
+# predict's output formats: file suffix by --format name
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+# an input's own format -> the label format written for it by default (a header+raw pair becomes one file)
+SAME_FORMAT = {".nii.gz": ".nii.gz", ".nii": ".nii.gz", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
+               ".mhd": ".mha"}
+EXPORT_RECORD = "unet3d_model.json"  # the run record of a folder written by `unet3d export`
 
 DEMO_CONFIG = """\
 # The built-in demo: a synthetic CT phantom cohort (an organ holding 0-3 lesions), a two-stage cascade.
@@ -46,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet3d", description="3D U-Net segmentation pipeline: ingest, preprocess, "
                                      "split, train, cascade inference, evaluation, Parquet reports.")
     _workspace_arg(parser, top=True)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show the pipeline's log on the console (-v: INFO, -vv: DEBUG and full tracebacks)")
+    parser.add_argument("--version", action="version", version=f"unet3d {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -75,18 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config")
         p.add_argument("--refresh", action="append", choices=STAGE_NAMES, default=[])
 
-    p = sub.add_parser("predict", help="segment new scans (files or DICOM folders) with a trained cascade")
+    p = sub.add_parser("predict", help="segment new scans (files, folders of files, DICOM folders) with a trained cascade")
     _workspace_arg(p)
-    p.add_argument("--model", required=True, metavar="RUN_ID", help="run id (see `unet3d report`)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", required=True, metavar="RUN_ID|FOLDER",
+                   help="a run id (see `unet3d runs`) or a folder written by `unet3d export`")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of image files, DICOM series folders")
+    p.add_argument("-i", "--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
+                   help="an input as an option, as nnU-Net's -i (repeatable)")
+    p.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default=None,
+                   help="output format (default: the input's: NRRD -> NRRD, MHA -> MHA, NIfTI and DICOM -> NIfTI)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="no mirroring test-time augmentation (on by default, as in the pipeline's infer stage)")
 
+    p = sub.add_parser("export", help="copy a run's trained cascade into one folder that `predict --model` runs "
+                       "without the workspace")
+    _workspace_arg(p)
+    p.add_argument("--model", required=True, metavar="RUN_ID", help="run id (see `unet3d runs`)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) folder")
+
     p = sub.add_parser("report", help="print the summary table of a run (default: the latest)")
     _workspace_arg(p)
     p.add_argument("--run", default=None, metavar="RUN_ID")
+
+    p = sub.add_parser("runs", help="list the runs of the workspace (run id, date, cohort, stages, test Dice)")
+    _workspace_arg(p)
 
     p = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment")
     _workspace_arg(p)
@@ -97,9 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unet3d-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never `pip install`ed
+        return "unknown (not installed: run `pip install -e .`)"
+
+
 class _ShortTracebacks(logging.Formatter):
     """Console log lines without the tracebacks that Prefect logs for a failed stage: the user gets the
-    one-line reason at the end (the full traceback stays in the Prefect UI, and `-v` shows it here)."""
+    one-line reason at the end (the full traceback stays in the Prefect UI, and `-vv` shows it here)."""
 
     def __init__(self, inner: logging.Formatter):
         super().__init__()
@@ -108,42 +140,123 @@ class _ShortTracebacks(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = self.inner.format(record)
         cut = text.find("Traceback (most recent call last)")
-        return text if cut < 0 else text[:cut].rstrip() + " [traceback: run with -v, or see the Prefect UI]"
+        return text if cut < 0 else text[:cut].rstrip() + " [traceback: run with -vv, or see the Prefect UI]"
 
 
-def _configure_logging(verbose: bool) -> None:
+class _Interruption:
+    """Ctrl-C during a command. The first press raises KeyboardInterrupt in the main thread (the stage stops
+    where it is; every stage resumes from its finished work) and silences the console: Prefect then reports
+    the interrupted runs as crashed to its API (the UI keeps that), which on the console is only noise after
+    the one line the CLI prints."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def handle(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pressed
+
+
+INTERRUPTION = _Interruption()
+
+
+def _configure_logging(verbose: int) -> None:
     import prefect  # noqa: F401  (sets up Prefect's console handler on the root logger)
 
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    if verbose:
+    # The console shows warnings and errors (progress bars show the work); the pipeline's INFO log still goes
+    # to the Prefect API (the flow run's log tab), which has its own handler on the loggers. -v shows it here.
+    console_level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+    if verbose >= 2:
         root.setLevel(logging.DEBUG)
-    else:
-        for handler in root.handlers:
+    for name in ("data_catalog", "unet3d", "flows"):  # at INFO for the Prefect UI too (see flows/pipeline.py)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in root.handlers:
+        # the console handlers only (Prefect's, or basicConfig's): a test's log capture keeps its own level
+        if not (isinstance(handler, PrefectConsoleHandler) or type(handler) is logging.StreamHandler):
+            continue
+        handler.setLevel(console_level)
+        handler.addFilter(INTERRUPTION)
+        if verbose < 2:
             handler.setFormatter(_ShortTracebacks(handler.formatter or logging.Formatter()))
     for name in ("distributed", "tornado", "asyncio", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _start_api_server_in_own_session() -> None:
+    """Start Prefect's temporary API server (when no PREFECT_API_URL is set) in a session of its own.
+
+    Prefect starts it lazily as a child in our process group, so Ctrl-C in the terminal reached the server
+    too: it died first, and the flow's crash reports then retried against a closed port for minutes. Started
+    here before any flow, the server is the one instance every Prefect client of this process uses
+    (SubprocessASGIServer is one object per port, and the clients ask for the default one); Prefect still
+    stops it at exit (its own atexit hook)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import subprocess
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return  # a server from a Prefect profile, or none allowed: Prefect's own rules apply
+
+    class OwnSessionPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    # Popen is replaced only while the server process is created (the main thread, before any flow runs).
+    with mock.patch.object(subprocess, "Popen", OwnSessionPopen):
+        SubprocessASGIServer().start()
+
+
+def _interrupted_message() -> str:
+    where = ""
+    if "flows.pipeline" in sys.modules:  # a flow ran: name the stage it was in
+        from flows.pipeline import interrupted_stage
+        where = interrupted_stage()
+    return f"interrupted{': ' + where if where else ''}; rerun the same command to resume"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    INTERRUPTION.pressed = False
+    # a served deployment is a service: its console is its log (stage start and end, cache hits, failures)
+    _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
+    previous = signal.getsignal(signal.SIGINT)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, INTERRUPTION.handle)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"unet3d {args.command}: interrupted", file=sys.stderr)
+        INTERRUPTION.pressed = True
+        print(f"unet3d {args.command}: {_interrupted_message()}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `unet3d report | head`: the reader has had enough
         sys.stderr.close()
         return 0
-    except Exception as exc:  # one line for the user; -v shows the traceback
-        if args.verbose:
+    except Exception as exc:  # one line for the user; -vv shows the traceback
+        if args.verbose >= 2:
             raise
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"unet3d {args.command}: error: {reason}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _workspace(args) -> str:
@@ -188,13 +301,14 @@ def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
     preflight(load_config(config).model_dump(mode="json"), ws)
 
     t0 = time.perf_counter()
+    _start_api_server_in_own_session()
     results = pipeline_flow(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)
     _print_run(results, time.perf_counter() - t0)
     return results
 
 
 def _print_run(results: dict, seconds: float) -> None:
-    print("\nstage        status     seconds  key")
+    print(f"\n{'stage':12s} {'status':22s} seconds  key")
     for name in STAGE_NAMES:
         r = results.get(name)
         if r is None:
@@ -202,7 +316,9 @@ def _print_run(results: dict, seconds: float) -> None:
         for item in (r if isinstance(r, list) else [r]):
             label = name if name != "train" else f"train-{item.get('stage_name')}"
             status = "cached" if item.get("cached") else "computed"
-            print(f"{label:12s} {status:9s} {item.get('stage_seconds', 0):8.1f}  {item.get('key', '')[:12]}")
+            if not item.get("cached") and item.get("resumed_from_epoch") is not None:  # after an interruption
+                status = f"resumed after epoch {item['resumed_from_epoch'] + 1}"
+            print(f"{label:12s} {status:22s} {item.get('stage_seconds', 0):7.1f}  {item.get('key', '')[:12]}")
     print(f"total {seconds:.1f} s")
     from data_catalog.workspace import Workspace
 
@@ -250,31 +366,100 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from flows.stages import read_run_record
-    from unet3d.inference import PredictionJob, StageModel, infer_cases
-    from unet3d.io import strip_image_suffix
+def _model_record(args) -> dict:
+    """The run record that `--model` names: a folder written by `unet3d export` (its stage folders inside it),
+    else a run id of the workspace."""
+    import json
 
-    ws = _workspace(args)
+    from flows.stages import read_run_record
+
+    folder = Path(args.model)
+    if (folder / EXPORT_RECORD).is_file():
+        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+        for s in record["stages"]:
+            model_dir = (folder / s["model_dir"]).resolve()
+            if not model_dir.is_relative_to(folder.resolve()) or not model_dir.is_dir():
+                raise ValueError(f"--model: {folder / EXPORT_RECORD}: stage {s.get('name')}: model_dir "
+                                 f"{s['model_dir']!r} is not a folder inside {folder}")
+            s["model_dir"] = str(model_dir)
+        return record
+    if folder.is_dir():
+        raise ValueError(f"--model: {folder} is a folder without {EXPORT_RECORD} (not written by `unet3d export`)")
     try:
-        record = read_run_record(ws, args.model)  # a plain run id, its models inside the workspace
+        return read_run_record(_workspace(args), args.model)  # a plain run id, its models inside the workspace
     except ValueError as exc:
         raise ValueError(f"--model: {exc}") from None
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    """Image files as given; a folder holding image files (nnU-Net's -i imagesTs) as its files; any other
+    folder as one DICOM series."""
+    from unet3d.io import is_image_file
+
+    out = []
+    for inp in inputs:
+        path = Path(inp)
+        files = sorted(f for f in path.iterdir() if f.is_file() and is_image_file(f.name)) if path.is_dir() else []
+        out.extend(files or [path])
+    return out
+
+
+def _output_name(path: Path, fmt: str | None) -> tuple[str, str, str | None]:
+    """(case name, output suffix, a note for the user) of one input."""
+    from unet3d.io import strip_image_suffix
+
+    if path.is_dir():
+        suffix = OUTPUT_FORMATS[fmt] if fmt else ".nii.gz"
+        note = None if fmt else "DICOM series written as NIfTI (DICOM SEG output is not supported; --format nrrd|mha)"
+        return path.name, suffix, note
+    name = strip_image_suffix(path.name)
+    own = path.name[len(name):].lower()
+    if name.endswith("_0000"):  # nnU-Net's channel suffix: the label of CASE_0000.nii.gz is CASE.nii.gz
+        name = name[:-len("_0000")]
+    if fmt:
+        return name, OUTPUT_FORMATS[fmt], None
+    if own in SAME_FORMAT:
+        return name, SAME_FORMAT[own], None
+    return name, ".nii.gz", f"no label format matches {path.name}: written as NIfTI"
+
+
+def cmd_predict(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from unet3d.inference import PredictionJob, StageModel, infer_cases
+
+    inputs = [*args.inputs, *args.more_inputs]
+    if not inputs:
+        raise ValueError("no input: give image files, folders or DICOM series (positional or -i)")
+    record = _model_record(args)
     stages = record["stages"]
+    out = Path(args.out)
+    names = [s["name"] for s in stages]
+    # The last stage's label maps are OUT/CASE.ext; an earlier stage's (the cascade's region masks) go to
+    # OUT/stageK/, so that a tool reading OUT finds only final predictions there.
+    folders = {n: out if n == names[-1] else out / f"stage{k}" for k, n in enumerate(names, start=1)}
+    jobs, notes, seen = [], [], {}
+    for path in _expand_inputs(inputs):
+        name, suffix, note = _output_name(path, args.format)
+        target = folders[names[-1]] / f"{name}{suffix}"
+        if target in seen:
+            raise ValueError(f"inputs {seen[target]} and {path} would both be written as {target}")
+        seen[target] = path
+        if note:
+            notes.append(f"  {name}: note: {note}")
+        jobs.append(PredictionJob(str(path), {n: folders[n] / f"{name}{suffix}" for n in names}, image=path))
     models = [StageModel.load(s["model_dir"], device=args.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
               for s in stages]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [s["name"] for s in stages]
-    jobs = []
-    for inp in args.inputs:  # the last stage's prediction is NAME.nii.gz, an earlier stage's NAME_STAGE.nii.gz
-        path = Path(inp)
-        name = path.name if path.is_dir() else strip_image_suffix(path.name)
-        jobs.append(PredictionJob(inp, {n: out / f"{name}{'' if n == names[-1] else f'_{n}'}.nii.gz" for n in names},
-                                  image=path))
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
     infer = record["config"]["infer"]
-    done = infer_cases(jobs, models, [s["plan"] for s in stages], overlap=infer["overlap"], tta=args.tta,
-                       batch_size=infer["batch_size"], resume=False, keep_going=True, desc="predict")
+    # A bar only on a terminal: redrawn into a log file or a pipe, it would glue the next line onto itself.
+    with logging_redirect_tqdm():
+        done = infer_cases(jobs, models, [s["plan"] for s in stages], overlap=infer["overlap"], tta=args.tta,
+                           batch_size=infer["batch_size"], resume=False, keep_going=True, desc="predict",
+                           progress=sys.stderr.isatty())
+    for line in notes:
+        print(line, file=sys.stderr)
     for outcome in done.outcomes:  # one bad scan does not stop the others
         if outcome.error is not None:
             print(f"  {outcome.case_id}: error: {outcome.error}", file=sys.stderr)
@@ -282,9 +467,60 @@ def cmd_predict(args) -> int:
             print(f"  {outcome.case_id}: warning: {w}", file=sys.stderr)
         for target in outcome.written:
             print(f"  {outcome.case_id} -> {target}")
-    print(f"predictions of run {args.model} in {out}")
+    if done.failed == len(jobs):
+        raise RuntimeError(f"every input failed ({len(jobs)}; see above): nothing written")
+    earlier = ", ".join(str(folders[n].relative_to(out)) for n in names[:-1])
+    print(f"predictions of {record['run_id']} in {out}" + (f" (earlier stages in {earlier})" if earlier else ""))
     if done.failed:
-        raise RuntimeError(f"{done.failed} of {len(args.inputs)} inputs failed (see above)")
+        raise RuntimeError(f"{done.failed} of {len(jobs)} inputs failed (see above)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import json
+    import shutil
+    from datetime import datetime, timezone
+
+    from data_catalog.hashing import sha256_file
+    from flows.stages import read_run_record
+    from unet3d.io import write_json_atomic
+    from unet3d.train import ModelFiles
+
+    ws = _workspace(args)
+    try:
+        record = read_run_record(ws, args.model)
+    except ValueError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    out = Path(args.out_dir).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; export into a new one")
+    # built beside the target and renamed into place: an interrupted export leaves no half folder to trust
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for s in record["stages"]:
+        files, folder = ModelFiles(s["model_dir"]), partial / s["name"]
+        folder.mkdir()
+        for src in (files.model_json, files.best_checkpoint):
+            if not src.is_file():
+                raise ValueError(f"run {args.model}: stage {s['name']}: {src} is missing")
+            shutil.copy2(src, folder / src.name)
+        write_json_atomic(folder / "plan.json", s["plan"], indent=1)
+        s.update(model_dir=s["name"], plan_file=f"{s['name']}/plan.json",
+                 checkpoint_sha256=sha256_file(folder / files.best_checkpoint.name))
+    record["exported"] = {"from_run": record["run_id"], "from_workspace": ws, "unet3d_version": package_version(),
+                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(partial / EXPORT_RECORD, record, indent=1, default=str)
+    (partial / "README.txt").write_text(
+        f"unet3d model export of run {record['run_id']} (cohort {record['cohort']}): a cascade of "
+        f"{' -> '.join(s['name'] for s in record['stages'])}.\n"
+        f"{EXPORT_RECORD}: the run's config and, per stage, its folder (model.json, checkpoint_best.pt) and "
+        f"preprocessing plan (plan.json); paths are relative to this folder.\n"
+        f"Use: unet3d predict --model THIS_FOLDER -i SCAN_OR_FOLDER -o OUTPUT_FOLDER\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # the empty folder checked above
+    partial.rename(out)
+    print(f"model of run {record['run_id']} exported to {out}")
     return 0
 
 
@@ -309,6 +545,41 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    import json
+
+    import pandas as pd
+
+    from data_catalog.workspace import Workspace
+    from unet3d.report_tables import read_table
+
+    ws = Workspace(_workspace(args))
+    records = sorted(ws.runs_dir.glob("*.json")) if ws.runs_dir.exists() else []
+    if not records:
+        raise ValueError(f"no run in {ws.runs_dir} yet; run `unet3d run CONFIG` first")
+    summary = read_table(ws.report_table("summary"))
+    test_dice = (summary[(summary["metric"] == "dice") & (summary["split"] == "test")]
+                 if "metric" in summary.columns else summary)
+    rows = []
+    for path in records:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            run_id, stages = record["run_id"], [s["name"] for s in record["stages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            rows.append({"run id": path.stem, "date": "", "cohort": "", "stages": "",
+                         "test Dice": f"unreadable record {path.name}: {type(exc).__name__}"})
+            continue
+        # the final stage's classes: what the cascade delivers (an earlier stage only finds the region)
+        final = test_dice[(test_dice["run_id"] == run_id) & (test_dice["stage"] == stages[-1])]
+        dice = ", ".join(f"{r['class_name']} {r['mean']:.3f}" for r in final.sort_values("class_name").to_dict("records"))
+        rows.append({"run id": run_id, "date": str(record.get("created_at", ""))[:16].replace("T", " "),
+                     "cohort": record.get("cohort", ""), "stages": " -> ".join(stages),
+                     "test Dice": dice or "not evaluated"})
+    table = pd.DataFrame(rows).sort_values(["date", "run id"])
+    print(table.to_string(index=False, justify="left"))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from prefect.schedules import Cron
 
@@ -330,7 +601,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
-            "serve": cmd_serve, **{name: _stage_command(name) for name in STAGE_COMMANDS}}
+            "runs": cmd_runs, "export": cmd_export, "serve": cmd_serve, **{name: _stage_command(name) for name in STAGE_COMMANDS}}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from flows.settings import apply_defaults, resolve_workspace  # noqa: F401  (res
 apply_defaults()
 
 import errno  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -33,6 +34,13 @@ from .cache_keys import DOWNSTREAM, STAGES  # noqa: E402
 from .caching import marker_valid, to_data  # noqa: E402
 from .preflight import check_patch_fits_cohort, preflight  # noqa: E402
 from .results import DataOnlyJSON, result_storage  # noqa: E402
+
+# The project's loggers at INFO (unless set otherwise): Prefect sends them to the flow run's log (the UI),
+# whose handler they would otherwise never reach, as they inherit the root logger's WARNING. What the console
+# shows is the console handler's choice (the CLI: warnings unless -v).
+for _name in ("data_catalog", "unet3d", "flows"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
 
 # ---------------------------------------------------------------------------------------------------------
 # Caching and retry policy, for every stage task
@@ -99,10 +107,35 @@ def report_task(key: str, workspace: str, cfg: PipelineConfig, evaluate: dict) -
     return S.run_report(workspace, cfg, key, evaluate)
 
 
+# The stage this process is running (for the command line's message when Ctrl-C stops it).
+_RUNNING: dict[str, Any] = {}
+
+
+def interrupted_stage() -> str:
+    """What the stage running in this process had done when it was interrupted, for one line:
+    'stage train-organ stopped after epoch 3' (epochs read from the model folder's training log)."""
+    stage, model_dir = _RUNNING.get("stage"), _RUNNING.get("model_dir")
+    if stage is None:
+        return ""
+    if model_dir is None:
+        return f"stage {stage} stopped (its finished cases are kept)"
+    from unet3d.train import ModelFiles
+
+    log_path = ModelFiles(model_dir).train_log
+    try:
+        import pandas as pd
+        epochs = len(pd.read_parquet(log_path, columns=["epoch"])) if log_path.exists() else 0
+    except Exception:  # a log being written at the moment of the interrupt: say what is sure
+        epochs = 0
+    return f"stage {stage} stopped " + (f"after epoch {epochs}" if epochs else "before its first epoch ended")
+
+
 def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refresh_stages: set[str],
-          task_kwargs: dict[str, Any]) -> dict:
+          task_kwargs: dict[str, Any], model_dir: str | None = None) -> dict:
     """Run a stage task through the cache; log hit or miss, start and end."""
     logger = get_run_logger()
+    _RUNNING.clear()
+    _RUNNING.update(stage=marker_name, model_dir=model_dir)
     forced = stage in refresh_stages
     stale = not marker_valid(workspace, marker_name, key)
     t0 = time.perf_counter()
@@ -117,6 +150,7 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
     seconds = time.perf_counter() - t0
     logger.info("stage %s: %s in %.1f s", marker_name, "cache hit" if cached else
                 ("recomputed (--refresh)" if forced else "cache miss, computed"), seconds)
+    _RUNNING.clear()
     return dict(result, cached=cached, stage_seconds=round(seconds, 2))
 
 
@@ -148,7 +182,8 @@ def train_flow(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: l
         key = K.key_train(workspace, cfg, stage, preprocess)
         # --refresh train retrains from scratch (the stage's old checkpoints are removed, not resumed)
         out.append(_call("train", f"train-{stage.name}", train_task, key, workspace, refresh_set,
-                         dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh_set)))
+                         dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh_set),
+                         model_dir=str(S.model_folder(workspace, cfg, stage, preprocess)[0])))
     return out
 
 
@@ -167,22 +202,49 @@ def evaluate_flow(workspace: str, cfg: PipelineConfig, infer: dict, refresh: lis
 
 @flow(name="report")
 def report_flow(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: list[str] | None = None) -> dict:
-    result = _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, set(refresh or []),
-                   dict(cfg=cfg, evaluate=evaluate))
-    _publish_artifacts(result)
-    return result
+    return _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, set(refresh or []),
+                 dict(cfg=cfg, evaluate=evaluate))
+
+
+ARTIFACT_METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95_mm")
+
+
+def summary_artifact_rows(summary) -> list[dict]:
+    """The summary as the UI's table: one row per stage x split x class, one column per metric holding
+    'mean [95 % CI]' (3 decimals, distances in mm with 2, as on the console)."""
+    import math
+
+    def cell(metric: str, row) -> str:
+        if row is None or row["mean"] is None or math.isnan(row["mean"]):
+            return "–"
+        digits = 2 if metric.endswith("_mm") else 3
+        text = f"{row['mean']:.{digits}f}"
+        if row["ci_low"] is not None and row["ci_high"] is not None and not (
+                math.isnan(row["ci_low"]) or math.isnan(row["ci_high"])):
+            text += f" [{row['ci_low']:.{digits}f}, {row['ci_high']:.{digits}f}]"
+        return text
+
+    frame = summary[summary["metric"].isin(ARTIFACT_METRICS)].astype(object)
+    frame = frame.where(frame.notna(), None)
+    rows = []
+    for (stage, split, class_name), group in frame.groupby(["stage", "split", "class_name"], sort=True):
+        by_metric = {r["metric"]: r for r in group.to_dict("records")}
+        n_cases = [n for n in group["n_cases"] if n is not None]
+        row = {"stage": stage, "split": split, "class": class_name, "n": int(max(n_cases)) if n_cases else None}
+        row.update({m: cell(m, by_metric.get(m)) for m in ARTIFACT_METRICS if m in set(frame["metric"])})
+        rows.append(row)
+    return rows
 
 
 def _publish_artifacts(result: dict) -> None:
-    """The summary table as Prefect artifacts (visible in the UI next to the flow run)."""
+    """The summary table as Prefect artifacts of the calling flow run (the pipeline's own run, the one a user
+    opens in the UI)."""
     import pandas as pd
 
     summary = pd.read_parquet(result["summary_path"])
-    keep = summary[summary["metric"].isin(["dice", "iou", "precision", "recall", "specificity", "hd95_mm"])]
-    rows = keep[["stage", "split", "class_name", "metric", "n_cases", "mean", "ci_low", "ci_high", "pooled"]]
-    rows = rows.astype(object).where(rows.notna(), None).to_dict("records")
     key = "".join(c if c.isalnum() else "-" for c in result["run_id"].lower())
-    create_table_artifact(rows, key=f"summary-{key}"[:100], description=f"Metric summary of run {result['run_id']}")
+    create_table_artifact(summary_artifact_rows(summary), key=f"summary-{key}"[:100],
+                          description=f"Metric summary of run {result['run_id']}: mean [95 % bootstrap CI] over cases")
     create_markdown_artifact(f"```\n{result['table']}\n```\n\nFull report: `{result['report_md']}`",
                              key=f"report-{key}"[:100], description=f"Run {result['run_id']}")
 
@@ -235,4 +297,27 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
         results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
     if last >= 6:
         results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
+    _log_outcome(results)
+    if "report" in results:
+        _publish_artifacts(results["report"])
     return results
+
+
+def _log_outcome(results: dict[str, Any]) -> None:
+    """Each stage's outcome, and the summary table, in the pipeline's own log (each stage's details are in its
+    subflow run's log)."""
+    logger = get_run_logger()
+    for name in STAGES:
+        for item in (results[name] if isinstance(results.get(name), list) else [results.get(name)]):
+            if item is None:
+                continue
+            label = f"train-{item['stage_name']}" if name == "train" else name
+            how = "cached" if item.get("cached") else "computed"
+            if not item.get("cached") and item.get("resumed_from_epoch") is not None:
+                how = f"resumed after epoch {item['resumed_from_epoch'] + 1}"
+            logger.info("stage %s: %s in %.1f s (key %s)", label, how, item.get("stage_seconds", 0.0),
+                        item.get("key", "")[:12])
+    if "report" in results:
+        r = results["report"]
+        logger.info("run %s: summary (mean [95 %% CI] over cases)\n%s\nreport: %s", r["run_id"], r["table"],
+                    r["report_md"])

@@ -127,4 +127,4 @@ def test_hippocampus_cascade_end_to_end_and_predict_on_dicom(hippocampus_dir, di
     assert pred.GetSpacing() == pytest.approx(dicom.GetSpacing())
     assert pred.GetOrigin() == pytest.approx(dicom.GetOrigin())
     assert pred.GetDirection() == pytest.approx(dicom.GetDirection())
-    assert (out / f"{dicom_dir.name}_roi.nii.gz").exists()
+    assert (out / "stage1" / f"{dicom_dir.name}.nii.gz").exists()  # the roi stage's mask, apart from the final ones

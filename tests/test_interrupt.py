@@ -1,0 +1,76 @@
+"""Ctrl-C during `unet3d run` (issue 11, item 3): the command stops within seconds with exit code 130 and one
+line naming the stage, without Prefect's crash noise, and running it again resumes the training.
+
+The terminal sends SIGINT to the whole foreground process group; the test does the same (the command runs in a
+process group of its own and the signal goes to the group), so Prefect's temporary API server gets it too
+unless the CLI has put it in a session of its own."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import write_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+PROGRESS_BAR = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+<")
+
+
+def _unet3d(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *argv]
+
+
+def _console_lines(text: str) -> list[str]:
+    """The console's lines without progress-bar redraws (tqdm writes them with carriage returns)."""
+    lines = [part.strip() for line in text.splitlines() for part in line.split("\r")]
+    return [line for line in lines if line and not PROGRESS_BAR.search(line)]
+
+
+def test_ctrl_c_during_training_exits_130_in_one_line_and_the_rerun_resumes(tiny_cohort, tmp_path):
+    ws = tmp_path / "ws"
+    # one stage, epochs long enough (40 iterations) that the signal arrives in the middle of training
+    config = write_config(tmp_path / "c.yaml", tiny_cohort,
+                          stages=[{"name": "organ", "classes": {1: "organ"}, "merge": {1: [1, 2]}}],
+                          train={"max_epochs": 4, "iterations_per_epoch": 40})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_unet3d("--workspace", str(ws), "run", str(config)), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # training has begun once its first epoch is logged in the model folder
+        deadline = time.monotonic() + 600
+        while not list(ws.glob("models/tiny/organ-*/train_log.parquet")):
+            assert proc.poll() is None, f"the run ended before training began: {proc.communicate()}"
+            assert time.monotonic() < deadline, "training did not begin within 600 s"
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before the interrupt (make the epochs longer)"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert seconds < 10, f"the interrupted command took {seconds:.1f} s to exit"
+    lines = _console_lines(err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("unet3d run: interrupted: stage train-organ stopped after epoch "), lines
+    assert lines[0].endswith("rerun the same command to resume")
+    for noise in ("Crash detected", "Connection refused", "Traceback", "Error logging to API"):
+        assert noise not in err + out
+
+    rerun = subprocess.run(_unet3d("--workspace", str(ws), "-v", "run", str(config)), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage organ: resuming after epoch" in rerun.stderr
+    train_row = next(line for line in rerun.stdout.splitlines() if line.startswith("train-organ"))
+    assert "resumed after epoch" in train_row, rerun.stdout
+    assert "run id:" in rerun.stdout
