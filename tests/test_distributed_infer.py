@@ -23,7 +23,7 @@ from pipeline_helpers import write_config
 from data_catalog.case_worker import EnvironmentFault, case_records
 from data_catalog.demo import generate_demo_cohort
 from data_catalog.ingest import ingest
-from data_catalog.parallel import evaluate_on_cluster, infer_on_cluster
+from data_catalog.parallel import case_client, evaluate_on_cluster, infer_on_cluster
 from data_catalog.preprocess import run_preprocessing
 from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
@@ -78,6 +78,12 @@ def _start_cluster(port: int, env: dict, allowed_failures: int = 3) -> tuple[sub
                                  "--no-dashboard", "--memory-limit", "2GB"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
     return scheduler, workers
+
+
+def test_one_case_or_one_local_worker_starts_no_cluster():
+    for n_cases, workers in ((1, 4), (0, 2), (20, 1)):
+        with case_client(n_cases, workers, None, "2GB") as client:
+            assert client is None, (n_cases, workers)
 
 
 def _predictions(folder: Path) -> dict[str, np.ndarray]:
@@ -147,6 +153,7 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             # each worker loaded the model once, whatever number of cases it predicted
             loads = client.run(lambda: len(__import__("unet3d.inference").inference._loaded_models))
             assert sorted(loads.values()) == [1, 1]
+            assert set(client.run(torch.get_num_threads).values()) == {1}  # two workers on two cores, not four threads
 
             # --- a worker killed once predictions exist: finished cases stay, the rerun redoes the rest -----
             killed = tmp_path / "killed"
