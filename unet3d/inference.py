@@ -274,10 +274,10 @@ def infer_case(job: PredictionJob, models: Sequence[StageModel], plans: Sequence
                keep_going: bool = False) -> CaseOutcome:
     """One job of `infer_cases` (the unit a Dask worker runs): skipped if resumed or not preprocessed, else
     predicted and its label maps written atomically."""
-    if not job_pending(job, resume):
-        if job.case_dirs is None and job.image is None:
-            return CaseOutcome(job.case_id, [], ["not preprocessed (quarantined?), skipped"])
+    if resume and all(Path(p).exists() for p in job.targets.values()):
         return CaseOutcome(job.case_id, [], [], resumed=True)
+    if job.case_dirs is None and job.image is None:
+        return CaseOutcome(job.case_id, [], ["not preprocessed (quarantined?), skipped"])
     try:
         return _predict_job(job, models, plans, overlap, tta, batch_size)
     except Exception as exc:
