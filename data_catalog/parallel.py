@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,21 @@ log = logging.getLogger(__name__)
 # Numerical libraries in a worker must not start their own thread pools: one worker is one core.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """SIGINT ignored while the local worker processes start (they inherit it; Python and asyncio then leave it
+    ignored). Ctrl-C in a terminal reaches every process of the group: only the main process should stop, and
+    close the cluster, instead of each worker printing its own KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -42,8 +59,9 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
         return
     # The scheduler's HTTP server starts even without a dashboard, on port 8787 when the address is None (and
     # warns "Port 8787 is already in use" when another cluster has it): a free local port instead.
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
-                           dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
+    with _workers_ignore_ctrl_c():
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
     try:
         with Client(cluster) as client:
             yield client

@@ -74,3 +74,36 @@ def test_ctrl_c_during_training_exits_130_in_one_line_and_the_rerun_resumes(tiny
     train_row = next(line for line in rerun.stdout.splitlines() if line.startswith("train-organ"))
     assert "resumed after epoch" in train_row, rerun.stdout
     assert "run id:" in rerun.stdout
+
+
+def test_ctrl_c_during_preprocessing_stops_the_dask_workers_quietly(tmp_path):
+    """The preprocessing workers are processes of the same group: they must not print their own
+    KeyboardInterrupt tracebacks; the main process stops and closes the cluster."""
+    from data_catalog.demo import generate_demo_cohort
+
+    cohort = generate_demo_cohort(tmp_path / "cohort", n_cases=30, seed=3, shape=(96, 96, 64),
+                                  base_spacing=(1.0, 1.0, 2.0))
+    ws = tmp_path / "ws"
+    config = write_config(tmp_path / "c.yaml", cohort, preprocess={"workers": 2})
+    proc = subprocess.Popen(_unet3d("--workspace", str(ws), "run", str(config)), cwd=REPO,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(ws.glob("preprocessed/*/*/*")):  # the first case written: the workers are running
+            assert proc.poll() is None, f"the run ended before preprocessing began: {proc.communicate()}"
+            assert time.monotonic() < deadline, "preprocessing did not begin within 600 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert seconds < 10, f"the interrupted command took {seconds:.1f} s to exit"
+    lines = _console_lines(err)
+    assert lines == ["unet3d run: interrupted: stage preprocess stopped (its finished cases are kept); "
+                     "rerun the same command to resume"], lines
