@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config")
         p.add_argument("--refresh", action="append", choices=STAGE_NAMES, default=[])
 
-    p = sub.add_parser("predict", help="segment new scans (files, folders of files, DICOM folders) with a trained cascade")
+    p = sub.add_parser("predict", help="segment new scans (files, folders of files, DICOM folders) with a trained "
+                       "cascade")
     _workspace_arg(p)
     p.add_argument("--model", required=True, metavar="RUN_ID|FOLDER",
                    help="a run id (see `unet3d runs`) or a folder written by `unet3d export`")
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of image files, DICOM series folders")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders of image files, DICOM series folders")
     p.add_argument("-i", "--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
                    help="an input as an option, as nnU-Net's -i (repeatable)")
     p.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="DIR", help="output folder")
@@ -448,8 +450,8 @@ def cmd_predict(args) -> int:
         if note:
             notes.append(f"  {name}: note: {note}")
         jobs.append(PredictionJob(str(path), {n: folders[n] / f"{name}{suffix}" for n in names}, image=path))
-    models = [StageModel.load(s["model_dir"], device=args.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
-              for s in stages]
+    models = [StageModel.load(s["model_dir"], device=args.device,
+                              margin_mm=s["margin_mm"] if s.get("roi_from") else None) for s in stages]
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     infer = record["config"]["infer"]
@@ -571,7 +573,8 @@ def cmd_runs(args) -> int:
             continue
         # the final stage's classes: what the cascade delivers (an earlier stage only finds the region)
         final = test_dice[(test_dice["run_id"] == run_id) & (test_dice["stage"] == stages[-1])]
-        dice = ", ".join(f"{r['class_name']} {r['mean']:.3f}" for r in final.sort_values("class_name").to_dict("records"))
+        dice = ", ".join(f"{r['class_name']} {r['mean']:.3f}"
+                         for r in final.sort_values("class_name").to_dict("records"))
         rows.append({"run id": run_id, "date": str(record.get("created_at", ""))[:16].replace("T", " "),
                      "cohort": record.get("cohort", ""), "stages": " -> ".join(stages),
                      "test Dice": dice or "not evaluated"})
