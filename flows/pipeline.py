@@ -24,6 +24,7 @@ from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
 
 from data_catalog.workspace import Workspace  # noqa: E402
 from unet3d.config import PipelineConfig, StageConfig, load_config  # noqa: E402
@@ -274,7 +275,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     ws = resolve_workspace(workspace)
     cfg = load_config(config_path)  # validated once; the typed config travels down to every stage
     # folders, the data's labels, the catalog: refused before any stage writes anything
-    preflight(cfg.model_dump(mode="json"), ws)
+    preflight(cfg, ws)
     refresh_list = expand_refresh(refresh)
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
@@ -282,21 +283,25 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg.cohort.name, ws,
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
-    results["ingest"] = ingest_flow(ws, cfg, refresh_list)
-    # a cohort's first run: its image sizes are known only now, still before preprocessing or training
-    check_patch_fits_cohort(cfg.model_dump(mode="json"), ws)
-    if last >= 1:
-        results["preprocess"] = preprocess_flow(ws, cfg, refresh_list)
-    if last >= 2:
-        results["split"] = split_flow(ws, cfg, refresh_list)
-    if last >= 3:
-        results["train"] = train_flow(ws, cfg, results["preprocess"], refresh_list)
-    if last >= 4:
-        results["infer"] = infer_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
-    if last >= 5:
-        results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
-    if last >= 6:
-        results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
+    # The stage subflows run in this flow run's process, whose own heartbeat already tells a crashed process;
+    # a heartbeat thread per subflow would only add its shutdown wait (up to a second each, 6 s of a fully
+    # cached run).
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        results["ingest"] = ingest_flow(ws, cfg, refresh_list)
+        # a cohort's first run: its image sizes are known only now, still before preprocessing or training
+        check_patch_fits_cohort(cfg, ws)
+        if last >= 1:
+            results["preprocess"] = preprocess_flow(ws, cfg, refresh_list)
+        if last >= 2:
+            results["split"] = split_flow(ws, cfg, refresh_list)
+        if last >= 3:
+            results["train"] = train_flow(ws, cfg, results["preprocess"], refresh_list)
+        if last >= 4:
+            results["infer"] = infer_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
+        if last >= 5:
+            results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
+        if last >= 6:
+            results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
     _log_outcome(results)
     if "report" in results:
         _publish_artifacts(results["report"])

@@ -28,12 +28,14 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where a candidate is measured: the cascade's budget split needs no torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ def cuda_patch_voxels(device: torch.device, configured: int) -> int:
     """On a GPU the patch cap grows with free memory (about 128^3 per 10 GB, nnU-Net's reference point)."""
     if device.type != "cuda":
         return configured
+    import torch
+
     free = torch.cuda.mem_get_info(device)[0]
     return max(configured, int(128**3 * min(free / 10e9, 3.0)))
 
@@ -242,6 +246,8 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
                       device: torch.device, iterations: int = CALIBRATION_ITERATIONS) -> float:
     """Seconds per training iteration of a candidate on `device`: the median of a few timed iterations after
     one warm-up (augmentation, forward under autocast, deep-supervised Dice+CE, backward, AdamW step)."""
+    import torch
+
     from .augment import PRESETS, AugmentConfig, BatchAugmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .models import build_network
