@@ -86,6 +86,20 @@ def test_one_case_or_one_local_worker_starts_no_cluster():
             assert client is None, (n_cases, workers)
 
 
+# On a worker: the ids of the models it holds (the same id later: the model was not reloaded). A lambda, because
+# cloudpickle ships it by value; a named function of this test module would have to be importable on the worker.
+_loaded_model_ids = lambda: [id(m) for m in __import__("unet3d.inference").inference._loaded_models.values()]  # noqa: E731
+
+
+def _wait_until_idle(client) -> None:
+    """Until no worker runs a task, twice in a row (a cancelled task still runs to its end, and writes its case)."""
+    quiet = 0
+    while quiet < 2:
+        running = client.run(lambda dask_worker: len(dask_worker.state.all_running_tasks))
+        quiet = quiet + 1 if not any(running.values()) and not any(client.processing().values()) else 0
+        time.sleep(0.1)
+
+
 def _finished(folder: Path) -> list[Path]:
     """The prediction files of a folder, not the hidden temporaries a writer renames onto them."""
     return sorted(p for p in folder.glob("*.nii.gz") if not p.name.startswith("."))
@@ -156,8 +170,9 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             pd.testing.assert_frame_equal(pd.DataFrame(rows2), pd.DataFrame(rows))
             pd.testing.assert_frame_equal(pd.DataFrame(lesion_rows2), pd.DataFrame(lesion_rows))
             # each worker loaded the model once, whatever number of cases it predicted
-            loads = client.run(lambda: len(__import__("unet3d.inference").inference._loaded_models))
-            assert sorted(loads.values()) == [1, 1]
+            # each worker that predicted holds the model once; the same object serves the later runs (not reloaded)
+            loaded = client.run(_loaded_model_ids)
+            assert all(len(ids) <= 1 for ids in loaded.values()) and any(loaded.values()), loaded
             assert set(client.run(torch.get_num_threads).values()) == {1}  # two workers on two cores, not four threads
 
             # --- a worker killed once predictions exist: finished cases stay, the rerun redoes the rest -----
@@ -177,7 +192,10 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
                 assert runner.is_alive() and time.monotonic() < deadline, "no prediction appeared"
                 time.sleep(0.01)
             finished_at_kill = _file_identity(killed)
-            os.kill(workers[0].pid, signal.SIGKILL)
+            busy = [a for a, keys in client.processing().items() if keys]  # a worker with a case in hand
+            pids = client.run(os.getpid)
+            victim = next(p for p in workers if p.pid == pids[busy[0]])
+            os.kill(victim.pid, signal.SIGKILL)
             runner.join(timeout=300)
             assert not runner.is_alive()
             assert len(finished_at_kill) < N_CASES, "every case had finished before the kill"
@@ -185,14 +203,16 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             assert "worker process died" in str(failure[0])
 
             # a case the surviving worker was running when the run was cancelled still finishes (and is kept)
-            while any(client.run(lambda dask_worker: len(dask_worker.state.all_running_tasks)).values()):
-                time.sleep(0.05)
+            _wait_until_idle(client)
             survivors = _file_identity(killed)
             assert finished_at_kill.items() <= survivors.items()  # nothing finished was lost or rewritten
             assert len(survivors) < N_CASES
             rerun = infer_on_cluster(client, jobs(killed), [ref], [plan], **settings, progress=False)
             assert rerun.resumed == len(survivors) and rerun.predicted == N_CASES - len(survivors)
             assert survivors.items() <= _file_identity(killed).items()  # the rerun did not touch them
+            survivor = next(a for a in pids if a != busy[0])
+            if loaded.get(survivor):
+                assert client.run(_loaded_model_ids, workers=[survivor])[survivor] == loaded[survivor]
             # the killed writer's temporary, if it left one, went with the rewrite of its case
             assert not [p.name for p in killed.iterdir() if p.name.startswith(".")]
             rerun_arrays = _predictions(killed)
