@@ -88,7 +88,7 @@ def test_one_case_or_one_local_worker_starts_no_cluster():
 
 # On a worker: the ids of the models it holds (the same id later: the model was not reloaded). A lambda, because
 # cloudpickle ships it by value; a named function of this test module would have to be importable on the worker.
-_loaded_model_ids = lambda: [id(m) for m in __import__("unet3d.inference").inference._loaded_models.values()]  # noqa: E731
+_loaded_model_ids = lambda: [id(m) for m in __import__("unet3d.inference").inference._loaded_models.values()]  # noqa
 
 
 def _wait_until_idle(client) -> None:
