@@ -1,6 +1,7 @@
 """Test helpers shared by the pipeline tests."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -26,3 +27,16 @@ def write_config(path: Path, source: Path, **overrides) -> Path:
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Terminate helper processes (Dask workers before their scheduler: give them in that order), killing any
+    that has not exited 30 s later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_helpers import write_config
+from pipeline_helpers import stop_processes, write_config
 
 from data_catalog.case_worker import EnvironmentFault, case_records
 from data_catalog.demo import generate_demo_cohort
@@ -239,18 +239,7 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
             infer_tasks = [t for t in stream.data if str(t["key"]).startswith("infer-")]
             assert infer_tasks and {t["worker"] for t in infer_tasks} == gpu_workers
     finally:
-        _stop([*workers, scheduler])
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_processes([*workers, scheduler])
 
 
 def test_the_pipeline_infers_and_evaluates_on_a_dask_scheduler_as_in_one_process(tiny_cohort, tmp_path):
@@ -280,7 +269,7 @@ def test_the_pipeline_infers_and_evaluates_on_a_dask_scheduler_as_in_one_process
             loaded = client.run(lambda: len(__import__("unet3d.inference").inference._loaded_models))
         assert sum(loaded.values()) >= 2 and set(loaded.values()) <= {0, 2}, loaded
     finally:
-        _stop([*workers, scheduler])
+        stop_processes([*workers, scheduler])
     assert second["report"]["run_id"] == run_id
     assert second["infer"]["predicted"] == len(first["infer"]["splits"]) and second["infer"]["resumed"] == 0
     again = {p.relative_to(predictions): to_numpy(read_image(p)) for p in predictions.rglob("*.nii.gz")}

@@ -23,6 +23,7 @@ from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
 from unet3d.io import read_image, to_numpy
 from unet3d.resample import invert_labels
+from pipeline_helpers import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = {"target_spacing": "auto", "normalisation": "auto", "workers": 2, "dask_address": None,
@@ -181,13 +182,7 @@ def test_preprocessing_on_a_real_dask_scheduler_with_two_workers(tmp_path):
         assert len(result.worker_memory) == 2
         assert all(m["peak_rss_mb"] > 0 for m in result.worker_memory.values())
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(list(reversed(procs)))
 
 
 @pytest.mark.realdata
