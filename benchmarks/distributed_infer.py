@@ -31,10 +31,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the test clusters' process helper
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from pipeline_helpers import stop_processes  # noqa: E402
 
 CLASSES = {0: "background", 1: "organ", 2: "lesion"}
 
@@ -72,17 +74,6 @@ def _start_cluster(port: int, n_workers: int) -> list[subprocess.Popen]:
                                 "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GB"], **quiet)
               for _ in range(n_workers)]
     return procs
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def _arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -179,7 +170,7 @@ def main() -> None:
         print(f"identical: {len(a)} prediction arrays ({foreground} foreground voxels), {len(rows)} metric rows, "
               f"{len(lesion_rows)} lesion rows", flush=True)
     finally:
-        _stop(procs)
+        stop_processes(list(reversed(procs)))  # workers before their scheduler
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"benchmark": f"distributed_infer_eval_{args.cases}", "ours": round(ours, 3),
