@@ -211,9 +211,14 @@ def _start_api_server_in_own_session() -> None:
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return  # a server from a Prefect profile, or none allowed: Prefect's own rules apply
 
+    from unet3d.io import parent_death_signal
+
     class OwnSessionPopen(subprocess.Popen):
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("start_new_session", True)
+            # out of the process group, so a killed command (SIGKILL, timeout's SIGTERM) would leave it
+            # running: it gets SIGTERM when this process dies
+            kwargs.setdefault("preexec_fn", parent_death_signal())
             super().__init__(*args, **kwargs)
 
     # Popen is replaced only while the server process is created (the main thread, before any flow runs).

@@ -101,3 +101,36 @@ def test_ctrl_c_during_preprocessing_stops_the_dask_workers_quietly(tmp_path):
     lines = _console_lines(err)
     assert lines == ["unet3d run: interrupted: stage preprocess stopped (its finished cases are kept); "
                      "rerun the same command to resume"], lines
+
+
+def test_a_killed_command_leaves_no_prefect_server_behind(tiny_cohort, tmp_path):
+    """The temporary API server runs in a session of its own (so that Ctrl-C reaches the command first): a
+    command killed outright (SIGKILL, or timeout's SIGTERM) must not leave it running."""
+    import psutil
+
+    START = time.time()
+    ws = tmp_path / "ws"
+    config = write_config(tmp_path / "c.yaml", tiny_cohort)
+    proc = subprocess.Popen(_unet3d("--workspace", str(ws), "run", str(config)), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        servers = []
+        while not servers:  # the server is up once the first stage has written into the workspace
+            assert proc.poll() is None and time.monotonic() < deadline, "the command ended before its server started"
+            servers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                       if "uvicorn" in " ".join(c.cmdline())] if ws.exists() else []
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(servers, timeout=60)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in psutil.process_iter():  # a server the old code left behind would outlive the test
+            try:
+                if "uvicorn" in " ".join(p.cmdline()) and p.ppid() == 1 and p.create_time() > START:
+                    p.kill()
+            except psutil.Error:
+                pass

@@ -399,6 +399,25 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def parent_death_signal():
+    """A preexec_fn (Linux) that has the child sent SIGTERM when its parent dies, so that a helper process (the
+    DDP launcher, Prefect's temporary server) does not outlive a killed command. libc is resolved here, in the
+    parent, so that the forked child only makes the one call. None elsewhere."""
+    import sys
+
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    import signal
+
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
 def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
     """Write an image through a temporary file and a rename."""
     path = Path(path)

@@ -41,7 +41,7 @@ from torch import nn
 from .augment import PRESETS as AUGMENT_PRESETS
 from .augment import AugmentConfig, BatchAugmenter
 from .config import INFER_DEFAULTS, TrainConfig, model_train_settings
-from .io import atomic_path, save_torch_atomic, write_json_atomic
+from .io import atomic_path, parent_death_signal, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
 from .models import build_network, count_parameters, plan_topology
@@ -647,21 +647,6 @@ class DistributedTrainingError(RuntimeError):
     """A launched DDP run failed: one line naming the stage, the failed rank's error and the launcher's exit code."""
 
 
-def _parent_death_signal():
-    """A preexec_fn for the launcher (Linux): SIGTERM to it when the stage's process dies, so that a killed stage
-    leaves no orphaned ranks writing the model folder its rerun trains in. libc is resolved here, in the parent,
-    so that the forked child only makes the one call."""
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-
-
 def _failed_rank(launcher_output: str) -> tuple[int | None, int | None]:
     """(rank, exit code) of the first failure that torch.distributed.run reports ("Root Cause" block)."""
     block = launcher_output.rsplit("Root Cause", 1)[1] if "Root Cause" in launcher_output else ""
@@ -711,7 +696,7 @@ def train_distributed(spec_path: str | Path, nproc: int, progress: bool = True) 
         command.append("--no-progress")
     log.info("stage %s: launching %d DDP processes: %s", spec.stage, nproc, " ".join(command[1:]))
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=_parent_death_signal())
+                            preexec_fn=parent_death_signal())
     tail = b""
     try:
         while chunk := os.read(proc.stdout.fileno(), 65536):
