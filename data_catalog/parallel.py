@@ -59,14 +59,32 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
         return
     # The scheduler's HTTP server starts even without a dashboard, on port 8787 when the address is None (and
     # warns "Port 8787 is already in use" when another cluster has it): a free local port instead.
-    with _workers_ignore_ctrl_c():
+    with _workers_ignore_ctrl_c(), _parent_environment_kept():
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
                                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
     try:
         with Client(cluster) as client:
             yield client
     finally:
-        cluster.close()
+        with _parent_environment_kept():  # a worker restarted by its nanny wrote the variables again
+            cluster.close()
+
+
+@contextlib.contextmanager
+def _parent_environment_kept() -> Iterator[None]:
+    """os.environ as it was before the block. distributed's Nanny writes its pre-spawn variables
+    (OMP_NUM_THREADS=1 ...) into this process's environment to pass them to a worker, and leaves them there;
+    torch sizes its thread pool from OMP_NUM_THREADS when it first runs, so training after preprocessing
+    ran on one core."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def _peak_rss_mb() -> float:
