@@ -46,6 +46,12 @@ class CohortConfig(_Section):
     source: str | None = None  # folder to ingest; resolved against the working directory, then the config's folder
     modality: Literal["CT", "MRI", "other"] = "other"
     labels_dir: str | None = None  # plain-folder sources: the folder of labels matched by case id
+    # a folder of scans without labels (images or DICOM series), ingested into the same cohort as unlabelled
+    # cases: validated, preprocessed and segmented, never in train/val/test; resolved as `source` is
+    unlabelled_source: str | None = None
+    # sparse annotation: a folder of dense (complete) labels of sparsely annotated cases, matched by case id; the
+    # evaluate stage then scores the filled-in (unannotated) voxels of every predicted case that has one
+    dense_labels_dir: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -55,7 +61,8 @@ class CohortConfig(_Section):
 
 class PreprocessConfig(_Section):
     target_spacing: Literal["auto"] | list[float] = "auto"
-    normalisation: Literal["auto", "ct", "zscore", "none"] = "auto"
+    # one scheme for every channel, or a list with one per channel of a multi-channel cohort (e.g. [ct, zscore])
+    normalisation: Literal["auto", "ct", "zscore", "none"] | list[Literal["auto", "ct", "zscore", "none"]] = "auto"
     workers: int = Field(2, ge=1)
     dask_address: str | None = None
     image_interpolation: Literal["linear", "cubic"] = "cubic"
@@ -203,6 +210,9 @@ class TrainConfig(_Section):
     # One loss weight per class of the stage, background first (Çiçek et al. weight the background down). Its
     # length is checked against each stage's classes in PipelineConfig, where they are known.
     class_weights: list[float] | None = None
+    # Warm start: null (random init) | champion (the cohort's serving model, unet3d.champion) | a model folder or
+    # checkpoint file. The network then has the source's shape; the source's checksum is part of the model.
+    init_from: str | None = Field(None, min_length=1)
 
     @field_validator("class_weights")
     @classmethod
@@ -259,6 +269,15 @@ class InferConfig(_Section):
         return v
 
 
+class PromoteConfig(_Section):
+    """Champion / challenger: a newly trained model serves only when its mean Dice on the frozen test cases is not
+    worse than the champion's by more than `margin`, judged on the paired bootstrap interval of the difference."""
+
+    margin: float = Field(0.01, ge=0, le=1, allow_inf_nan=False)  # Dice points
+    n_boot: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
 class EvaluateConfig(_Section):
     n_boot: int = Field(1000, ge=0)
     lesion_connectivity: Literal[6, 18, 26] = 26
@@ -267,12 +286,17 @@ class EvaluateConfig(_Section):
 class PipelineConfig(_Section):
     cohort: CohortConfig
     labels: dict[int, str] | None = None
+    # The label value of unannotated voxels in the cohort's label files (sparse annotation, Çiçek et al.): accepted
+    # by ingestion, left out of the loss, of foreground patch sampling and of every metric. null: no sparse labels
+    # declared (ingestion refuses undeclared values; 255 is still never learned nor scored, as always).
+    ignore_label: int | None = Field(None, ge=1, le=65535)
     preprocess: PreprocessConfig = PreprocessConfig()
     split: SplitConfig = SplitConfig()
     stages: list[StageConfig] | None = None
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")
     def _splits_have_cases(self):
@@ -281,6 +305,9 @@ class PipelineConfig(_Section):
         if self.labels and min(self.labels) <= 0:
             raise ValueError(f"labels: values must be positive (0 is the background, never listed), got "
                              f"{sorted(v for v in self.labels if v <= 0)}")
+        if self.ignore_label is not None and self.labels and self.ignore_label in self.labels:
+            raise ValueError(f"ignore_label: {self.ignore_label} is also declared in labels as "
+                             f"{self.labels[self.ignore_label]!r}: a label value is either a class or ignored")
         ratios = dict(zip(("train", "val", "test"), self.split.ratios))
         empty = [s for s in self.infer.splits if ratios[s] <= 0]
         if empty:
@@ -306,6 +333,10 @@ class PipelineConfig(_Section):
                 unknown = sorted(set(s.label_map()) - set(self.labels))
                 if unknown:
                     raise ValueError(f"stages.{s.name}.merge: label values {unknown} are not among labels {sorted(self.labels)}")
+        for s in self.stages:
+            if self.ignore_label is not None and self.ignore_label in s.label_map():
+                raise ValueError(f"stages.{s.name}: label value {self.ignore_label} is the ignore_label and cannot "
+                                 f"make a class")
         return self
 
     @model_validator(mode="after")
@@ -344,6 +375,7 @@ SPLIT_DEFAULTS = SplitConfig()
 TRAIN_DEFAULTS = TrainConfig()
 INFER_DEFAULTS = InferConfig()
 EVALUATE_DEFAULTS = EvaluateConfig()
+PROMOTE_DEFAULTS = PromoteConfig()
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -369,6 +401,10 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None) -> Pi
         cfg.cohort.source = _resolve(cfg.cohort.source, base_dir)
     if cfg.cohort.labels_dir is not None:
         cfg.cohort.labels_dir = _resolve(cfg.cohort.labels_dir, base_dir)
+    if cfg.cohort.unlabelled_source is not None:
+        cfg.cohort.unlabelled_source = _resolve(cfg.cohort.unlabelled_source, base_dir)
+    if cfg.cohort.dense_labels_dir is not None:
+        cfg.cohort.dense_labels_dir = _resolve(cfg.cohort.dense_labels_dir, base_dir)
     return cfg
 
 
@@ -437,7 +473,7 @@ def load_config(path: str | Path) -> PipelineConfig:
 # Train settings added after models were first trained with this project. At their default they are left out
 # of every identity of a model (its checkpoint folder, its checkpoints' resume check, its recipe), so a model
 # trained before a setting existed is still found and resumed instead of trained again from scratch.
-LATER_TRAIN_SETTINGS = ("devices", "class_weights")
+LATER_TRAIN_SETTINGS = ("devices", "class_weights", "init_from")
 
 
 def model_train_settings(train: dict) -> dict:

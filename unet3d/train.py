@@ -124,6 +124,11 @@ class TrainSpec:
     patch_size: list[int] | None = None
     overlap: float = INFER_DEFAULTS.overlap
     spacing: list[float] | None = None  # the preprocessed grid's spacing; default: from the first case
+    # Warm start (train.init_from resolved by the caller): {"init_from": what the config says, "checkpoint": the
+    # weights file, "sha256": its content hash, "run_id": the champion's run, if it is one}
+    init_from: dict | None = None
+    # the source label value of unannotated voxels (the config's ignore_label); None: IGNORE_LABEL
+    ignore_label: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -143,8 +148,13 @@ class TrainSpec:
         """What makes a checkpoint resumable by this spec (not the epoch or time budgets)."""
         train = {k: v for k, v in model_train_settings(self.train).items()
                  if k not in ("max_epochs", "time_limit_min", "threads")}
-        return {"train_cases": sorted(Path(c).name for c in self.train_cases), "classes": self.classes,
-                "label_map": self.label_map, "train": train, "roi": self.roi, "patch_size": self.patch_size}
+        identity = {"train_cases": sorted(Path(c).name for c in self.train_cases), "classes": self.classes,
+                    "label_map": self.label_map, "train": train, "roi": self.roi, "patch_size": self.patch_size}
+        if self.init_from:  # other starting weights: another training (absent otherwise, as before warm starts)
+            identity["init_sha256"] = self.init_from["sha256"]
+        if self.ignore_label is not None:  # absent at its default, as before the setting existed
+            identity["ignore_label"] = self.ignore_label
+        return identity
 
     def recipe_identity(self) -> str:
         """What a planned recipe was planned from (recipe.json is reused only under the same identity; a grown
@@ -346,8 +356,47 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
     return recipe, False
 
 
+@dataclass
+class WarmStart:
+    """The weights a warm start begins from, with the network shape and patch they were trained with."""
+
+    model_config: dict
+    patch_size: list[int]
+    state: dict
+    source: dict  # TrainSpec.init_from
+
+
+def load_warm_start(spec: TrainSpec, cfg: TrainConfig) -> WarmStart:
+    """The source of `spec.init_from` (a model folder's checkpoint with its model.json beside it), refused in one
+    line naming the stage and the setting when its architecture, classes or network shape differ from the stage's."""
+    source = spec.init_from
+    checkpoint = Path(source["checkpoint"])
+    where = f"stage {spec.stage}: train.init_from {source['init_from']!r}"
+    meta_path = ModelFiles(checkpoint.parent).model_json
+    if not checkpoint.is_file() or not meta_path.is_file():
+        raise ValueError(f"{where}: {checkpoint if not checkpoint.is_file() else meta_path} does not exist "
+                         f"(a model folder or its checkpoint, with model.json beside it)")
+    meta = json.loads(meta_path.read_text())
+    model, classes = meta["model"], {int(k): v for k, v in meta["classes"].items()}
+    wanted = {"architecture": (model["architecture"], cfg.architecture), "classes": (classes, dict(spec.classes)),
+              "norm": (model["norm"], cfg.norm), "deep_supervision": (model["deep_supervision"], cfg.deep_supervision),
+              "features": (model["features"], cfg.features or model["features"]),
+              "stem_stride": (model.get("stem_stride", [1, 1, 1]), cfg.stem_stride or model.get("stem_stride", [1, 1, 1])),
+              "patch_size": (meta["patch_size"], spec.patch_size or cfg.patch_size or meta["patch_size"])}
+    for key, (theirs, ours) in wanted.items():
+        if theirs != ours:
+            raise ValueError(f"{where}: the source's {key} is {theirs}, this stage's is {ours}: a warm start needs "
+                             f"the same architecture, classes and network shape")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return WarmStart(model, list(meta["patch_size"]), state.get("model", state), dict(source))
+
+
 def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     cfg = TrainConfig.model_validate(spec.train)
+    warm = load_warm_start(spec, cfg) if spec.init_from else None
+    if warm is not None:  # the network is the source's: its widths and stem, not a newly planned ladder
+        cfg = cfg.model_copy(update={"features": warm.model_config["features"],
+                                     "stem_stride": warm.model_config.get("stem_stride", [1, 1, 1])})
     rank, world, device_type = _distributed(cfg.device)
     if cfg.devices > 1 and world != cfg.devices:
         raise ValueError(f"stage {spec.stage}: train.devices is {cfg.devices} but this run has {world} process(es): "
@@ -372,9 +421,10 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     t_start = time.perf_counter()
 
     # --- data -------------------------------------------------------------------------------------------
-    train_cases = [load_case(d, spec.label_map, spec.roi, seed=cfg.seed) for d in spec.train_cases]
+    train_cases = [load_case(d, spec.label_map, spec.roi, seed=cfg.seed, ignore_value=spec.ignore_label)
+                   for d in spec.train_cases]
     train_cases = [c for c in train_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
-    val_cases = [load_case(d, spec.label_map, spec.roi) for d in spec.val_cases]
+    val_cases = [load_case(d, spec.label_map, spec.roi, ignore_value=spec.ignore_label) for d in spec.val_cases]
     val_cases = [c for c in val_cases if c.label is not None and (spec.roi is None or c.roi_box is not None)]
     if cfg.val_max_cases:
         val_cases = val_cases[: cfg.val_max_cases]
@@ -382,7 +432,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         raise ValueError(f"stage {spec.stage}: no labelled training case" +
                          (" with a non-empty ROI" if spec.roi else ""))
     spacing = list(spec.spacing or train_cases[0].spacing)
-    patch = list(spec.patch_size or cfg.patch_size or
+    patch = list(spec.patch_size or cfg.patch_size or (warm.patch_size if warm is not None else None) or
                  plan_patch_size([c.region_shape() for c in train_cases], spacing,
                                  cuda_patch_voxels(device, cfg.max_patch_voxels)))
     num_classes = spec.num_classes
@@ -390,6 +440,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
 
     # --- the recipe: every key the config leaves open, planned (and timed) on this device ----------------
     recipe, reused = resolve_recipe(spec, cfg, patch, spacing, len(val_cases), device, out, rank, world)
+    if warm is not None:
+        recipe.reasons["features"] = recipe.reasons["stem_stride"] = (
+            f"the warm-start source's ({warm.source['init_from']}, sha256 {warm.source['sha256'][:12]})")
     augment = recipe.augment
     augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
     # Spatial augmentation warps a larger region and crops its centre afterwards, so that rotated or zoomed
@@ -423,7 +476,12 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         "stem_stride": list(recipe.stem_stride), "norm": cfg.norm, "dropout": cfg.dropout,
         "deep_supervision": cfg.deep_supervision,
     }
-    model = build_model_from_config(model_config).to(device)
+    if warm is not None:  # the source's topology exactly (its strides and kernels), so that its weights fit
+        model_config = dict(warm.model_config)
+    model = build_model_from_config(model_config)
+    if warm is not None:
+        model.load_state_dict(warm.state)  # a checkpoint resumed below replaces these weights
+    model = model.to(device)
     n_params = count_parameters(model)
     train_model: nn.Module = model
     if world > 1:
@@ -475,7 +533,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
 
     model_meta = {"model": model_config, "patch_size": patch, "spacing": spacing, "classes": spec.classes,
                   "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
-                  "parameters": n_params, "recipe": recipe.to_dict(), "world_size": world}
+                  "parameters": n_params, "recipe": recipe.to_dict(), "world_size": world,
+                  **({"init_from": warm.source} if warm is not None else {})}
     if is_main:
         write_json_atomic(model_json, model_meta, indent=1)
 
