@@ -578,10 +578,20 @@ def _generate_cohort(
     case_prefix: str,
     name: str,
     description: str,
+    channels: int = 1,
 ) -> Path:
     out_dir = Path(out_dir)
     parameters = _validated_parameters(n_cases, seed, shape, base_spacing, spacing_jitter)
     parameters.update(generator_version=GENERATOR_VERSION, case_prefix=case_prefix)
+    if int(channels) < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if channels > 1:  # a one-channel cohort keeps its manifest (and so its files) exactly as before
+        parameters["channels"] = int(channels)
+
+    def channel_paths(cid: str) -> list[Path]:
+        if channels == 1:
+            return [images_dir / f"{cid}.nii.gz"]
+        return [images_dir / f"{cid}_{c:04d}.nii.gz" for c in range(channels)]
     images_dir, labels_dir = out_dir / "imagesTr", out_dir / "labelsTr"
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
@@ -595,7 +605,8 @@ def _generate_cohort(
     # Cases of an earlier, larger cohort that this one no longer lists are ours to remove.
     if previous is not None:
         for stale_id in sorted(set(previous["cases"]) - set(case_ids)):
-            (images_dir / f"{stale_id}.nii.gz").unlink(missing_ok=True)
+            for stale in [images_dir / f"{stale_id}.nii.gz", *images_dir.glob(f"{stale_id}_[0-9][0-9][0-9][0-9].nii.gz")]:
+                stale.unlink(missing_ok=True)
             (labels_dir / f"{stale_id}.nii.gz").unlink(missing_ok=True)
 
     # Recorded hashes are trusted only for the same parameters; they say what each deterministic file must hold.
@@ -609,17 +620,19 @@ def _generate_cohort(
         _write_if_changed(manifest_path, manifest_bytes())  # forget the removed cases straight away
 
     for index, case_id in enumerate(case_ids):
-        image_path, label_path = images_dir / f"{case_id}.nii.gz", labels_dir / f"{case_id}.nii.gz"
+        image_paths, label_path = channel_paths(case_id), labels_dir / f"{case_id}.nii.gz"
         entry = cases.get(case_id)
         if (
             entry is not None
-            and _sha256_file(image_path) == entry["image_sha256"]
+            and [_sha256_file(p) for p in image_paths] == entry.get("channel_sha256", [entry["image_sha256"]])
             and _sha256_file(label_path) == entry["label_sha256"]
         ):
             continue
         image, label, info = render_case(seed, index, shape, base_spacing, spacing_jitter)
-        image_bytes, label_bytes = _nifti_gz_bytes(image), _nifti_gz_bytes(label)
-        _write_if_changed(image_path, image_bytes)
+        channel_bytes = [_nifti_gz_bytes(derived_channel(image, c)) for c in range(channels)]
+        image_bytes, label_bytes = channel_bytes[0], _nifti_gz_bytes(label)
+        for path, data in zip(image_paths, channel_bytes):
+            _write_if_changed(path, data)
         _write_if_changed(label_path, label_bytes)
         patient, visit = case_patient(index)
         new_entry = {
@@ -632,6 +645,8 @@ def _generate_cohort(
             "image_sha256": _sha256_bytes(image_bytes),
             "label_sha256": _sha256_bytes(label_bytes),
         }
+        if channels > 1:
+            new_entry["channel_sha256"] = [_sha256_bytes(b) for b in channel_bytes]
         logger.info("phantom %s written (%d lesions)", case_id, info["n_lesions"])
         if entry != new_entry:
             cases[case_id] = new_entry
@@ -645,7 +660,7 @@ def _generate_cohort(
         "licence": "CC0-1.0",
         "release": f"generator v{GENERATOR_VERSION}, seed {int(seed)}",
         "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
+        "modality": {str(c): DERIVED_CHANNEL_NAMES[min(c, 2)] for c in range(channels)},
         "labels": dict(LABELS),
         "numTraining": len(case_ids),
         "numTest": 0,
@@ -664,6 +679,22 @@ def _generate_cohort(
     return out_dir
 
 
+# Channel 0 is the CT phantom; further channels are computed from it, so they are co-registered by construction.
+DERIVED_CHANNEL_NAMES = ("CT", "gradient", "blurred")
+
+
+def derived_channel(image: sitk.Image, channel: int) -> sitk.Image:
+    """Channel `channel` of a multi-channel phantom: 0 the CT image itself, 1 its gradient magnitude (edges, as a
+    second MRI sequence shows other contrast), 2+ the CT blurred by a Gaussian of `channel - 1` mm (as PET is)."""
+    if channel == 0:
+        return image
+    smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), float(max(channel - 1, 1)))
+    out = sitk.GradientMagnitude(smooth) if channel == 1 else smooth
+    out = sitk.Cast(out, sitk.sitkFloat32)
+    out.CopyInformation(image)
+    return out
+
+
 def generate_demo_cohort(
     out_dir: str | Path,
     n_cases: int = 12,
@@ -671,6 +702,7 @@ def generate_demo_cohort(
     shape: Sequence[int] = (64, 64, 40),
     base_spacing: Sequence[float] = (1.5, 1.5, 3.0),
     spacing_jitter: float = 0.15,
+    channels: int = 1,
 ) -> Path:
     """Write (or verify) the small synthetic CT phantom cohort used by `unet3d demo`; returns `out_dir`.
 
@@ -679,6 +711,8 @@ def generate_demo_cohort(
     follow-up scan; the training entries carry a "patient_id" key. `shape` and `base_spacing` are along the world
     axes (x right to left, y anterior to posterior, z inferior to superior); see the module docstring for the
     phantom. A re-run with the same parameters rewrites nothing; a larger `n_cases` adds only the new cases.
+    `channels` > 1: each case is `imagesTr/demo_XXX_0000.nii.gz` (the CT), `_0001` (its gradient magnitude),
+    `_0002`... (blurred), nnU-Net's multi-channel layout, declared in dataset.json's `modality`.
     """
     return _generate_cohort(
         out_dir,
@@ -690,6 +724,7 @@ def generate_demo_cohort(
         case_prefix="demo",
         name="unet3d-demo-phantom",
         description="Synthetic abdominal CT phantoms: organ (1) with 0-3 lesions (2); small volumes for the demo.",
+        channels=channels,
     )
 
 

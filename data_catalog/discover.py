@@ -17,6 +17,8 @@ from pathlib import Path
 
 from unet3d.io import dicom_series, is_image_file, read_dicom_tags, strip_image_suffix
 
+from .channels import attach_channels, channel_groups, cohort_channel_count, first_file_per_case
+
 
 # A case id becomes file and folder names (CASE__<16 hex>, CASE.nii.gz): with their suffixes they must stay under
 # the 255-byte limit of common file systems.
@@ -30,13 +32,18 @@ class IngestError(Exception):
 @dataclass
 class SourceCase:
     case_id: str
-    image_files: list[str] | None  # one file, or a DICOM series' slices in order
+    image_files: list[str] | None  # one file, a DICOM series' slices in order, or a case's channel files in order
     label_path: str | None
     patient_id: str | None = None
     source_kind: str = "folder"
     modality: str | None = None
     issues: list[tuple[str, str, str]] = field(default_factory=list)  # (code, path, message) found at discovery
     roots: tuple[str, ...] = ()  # folders the case's files (and the data files their headers name) must stay in
+
+    @property
+    def n_channels(self) -> int:
+        """Image files that are channels of the case (data_catalog.channels); a DICOM series is one channel."""
+        return 1 if self.source_kind == "dicom" or not self.image_files else len(self.image_files)
 
     @property
     def image_path(self) -> str | None:
@@ -319,6 +326,10 @@ def _discover_msd(root: Path) -> Source:
                                     source_kind="msd", modality=modality,
                                     issues=[outside or ("image_missing", str(label), f"label {link.name} has no image in "
                                                                                      f"imagesTr/ and no dataset.json entry")])
+    groups = channel_groups(p for folder in (images_dir, root / "imagesTs") if folder.is_dir()
+                            for p in sorted(folder.glob("*")) if is_image_file(p))
+    notes += attach_channels(cases.values(), groups, cohort_channel_count(groups, len(mod) if isinstance(mod, dict) else None),
+                             lambda p: _resolve(p) if is_inside(root, p) else None, lambda p: _outside_issue(root, p))
     return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality, notes)
 
 
@@ -390,6 +401,11 @@ def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
             for key in (cid, _strip_role(cid, LABEL_NAME_SUFFIXES)):
                 if key is not None and key not in labels:
                     labels[key] = (link, target)
+    # A case's channel files (X_0000, X_0001, ...) are one case, not duplicates: its first file stands for it here
+    groups = channel_groups(link for link, _target, _cid in images)
+    n_channels = cohort_channel_count(groups)
+    if n_channels > 1:
+        images = first_file_per_case(images, groups)
     cases: dict[str, SourceCase] = {}
     used: set[Path] = set()  # label files given to a case
     paired = 0
@@ -435,6 +451,8 @@ def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
     elif labels_dir is None:
         notes.append(f"no labels: {len(images)} image-only cases (for labels, pass --labels DIR with files named like "
                      f"the images, or put X_label / X_seg / X_mask beside X)")
+    targets = {link: target for link, target, _cid in entries}
+    notes += attach_channels(cases.values(), groups, n_channels, targets.get, lambda p: _outside_issue(root, p))
     return Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None, notes)
 
 

@@ -14,6 +14,7 @@ from unet3d.io import (Geometry, ImageTooLarge, detached_data_files, dicom_slice
                        read_case_image, to_numpy)
 from unet3d.resample import canonical_axes
 
+from .channels import sha256_channels
 from .discover import SourceCase, is_inside
 from .hashing import sha256_file, sha256_files, stat_fingerprint
 
@@ -44,6 +45,7 @@ ISSUE_CODES = {
     "too_large": (ERROR, "the header claims more voxels than unet3d.io.MAX_IMAGE_VOXELS: refused before reading"),
     "worker_died": (ERROR, "the process reading the case died (killed, e.g. out of memory); retried on re-ingest"),
     "case_id_too_long": (ERROR, "the case id is too long to become a file name in the workspace"),
+    "channel_missing": (ERROR, "a multi-channel case lacks one of its channel files (CASE_0000, CASE_0001, ...)"),
 }
 
 # Tolerances for image/label geometry agreement.
@@ -108,7 +110,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
     if case.image_files:
         path = case.image_path
         try:
-            out["image_sha256"] = sha256_file(case.image_files[0]) if len(case.image_files) == 1 and case.source_kind != "dicom" \
+            out["image_sha256"] = sha256_channels(case.image_files) if case.n_channels > 1 else \
+                sha256_file(case.image_files[0]) if len(case.image_files) == 1 and case.source_kind != "dicom" \
                 else sha256_files(case.image_files)
             out["image_stat"] = stat_fingerprint(case.image_files)
         except OSError as exc:
@@ -136,6 +139,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                 if n_bad:
                     out["issues"].append(issue_row("non_finite", path, f"{n_bad} NaN/Inf voxels"))
             del image
+        if case.n_channels > 1:
+            out["issues"] += _check_channels(case, image_geometry)
     if case.label_path:
         path = case.label_path
         try:
@@ -233,21 +238,49 @@ def _geometry_fields(g) -> dict:
     return {"size": list(g.size), "spacing_mm": list(g.spacing), "origin_mm": list(g.origin), "direction": list(g.direction)}
 
 
-def _compare_geometry(image, label, path) -> list[dict]:
+def _compare_geometry(image, label, path, what: str = "label", reference: str = "image") -> list[dict]:
+    """Geometry of `label` (or of another image: `what`) against `image` (`reference`), within the tolerances."""
     issues = []
     if tuple(image.size) != tuple(label.size):
-        issues.append(issue_row("size_mismatch", path, f"label size {label.size} != image size {image.size}"))
+        issues.append(issue_row("size_mismatch", path, f"{what} size {label.size} != {reference} size {image.size}"))
     if not np.allclose(image.spacing, label.spacing, rtol=SPACING_RTOL, atol=0):
-        issues.append(issue_row("spacing_mismatch", path, f"label spacing {tuple(round(s, 5) for s in label.spacing)} != "
-                                                          f"image spacing {tuple(round(s, 5) for s in image.spacing)}"))
+        issues.append(issue_row("spacing_mismatch", path, f"{what} spacing {tuple(round(s, 5) for s in label.spacing)} != "
+                                                          f"{reference} spacing {tuple(round(s, 5) for s in image.spacing)}"))
     atol = ORIGIN_ATOL_FRACTION * min(image.spacing)
     if not np.allclose(image.origin, label.origin, rtol=0, atol=atol):
-        issues.append(issue_row("origin_mismatch", path, f"label origin {tuple(round(o, 3) for o in label.origin)} != "
-                                                         f"image origin {tuple(round(o, 3) for o in image.origin)} "
+        issues.append(issue_row("origin_mismatch", path, f"{what} origin {tuple(round(o, 3) for o in label.origin)} != "
+                                                         f"{reference} origin {tuple(round(o, 3) for o in image.origin)} "
                                                          f"(tolerance {atol:.3g} mm)"))
     if not np.allclose(image.direction, label.direction, rtol=0, atol=DIRECTION_ATOL):
-        issues.append(issue_row("direction_mismatch", path, f"label direction {tuple(round(d, 4) for d in label.direction)} "
-                                                            f"!= image direction {tuple(round(d, 4) for d in image.direction)}"))
+        issues.append(issue_row("direction_mismatch", path, f"{what} direction {tuple(round(d, 4) for d in label.direction)} "
+                                                            f"!= {reference} direction {tuple(round(d, 4) for d in image.direction)}"))
+    return issues
+
+
+def _check_channels(case: SourceCase, first: Geometry | None) -> list[dict]:
+    """The image checks for channels 1, 2, ... of a multi-channel case (channel 0 is checked as the case's image),
+    and their geometry against channel 0: co-registered channels share size, spacing, origin and direction."""
+    issues: list[dict] = []
+    for channel, file in enumerate(case.image_files[1:], start=1):
+        name = f"case {case.case_id}: channel {channel} ({Path(file).name})"
+        image = _read_checked([file], False, f"channel {channel}", file, case.roots, issues)
+        if image is None:
+            continue
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            issues.append(issue_row("not_3d", file, f"{name} {_not_3d_description(image)}"))
+            continue
+        geometry = Geometry.of(image)
+        issues += _check_spacing(geometry.spacing, file) or _check_nifti_pixdim(file, file)
+        if first is not None and first.ndim == 3:
+            issues += _compare_geometry(first, geometry, file, what=name, reference="channel 0")
+        voxels = to_numpy(image)
+        n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) if np.issubdtype(voxels.dtype, np.floating) else 0
+        try:
+            n_bad = max(n_bad, nifti_nonfinite_voxels(file) or 0)
+        except ValueError as exc:
+            issues.append(issue_row("unreadable", file, f"{name}: {exc}"))
+        if n_bad:
+            issues.append(issue_row("non_finite", file, f"{name}: {n_bad} NaN/Inf voxels"))
     return issues
 
 

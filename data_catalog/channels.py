@@ -1,0 +1,108 @@
+"""Multi-channel cases: several co-registered images of one case (multi-sequence MRI, CT + PET), one file per
+channel named as nnU-Net names them: CASE_0000.nii.gz, CASE_0001.nii.gz, ...
+
+Discovery first finds cases as if every cohort had one channel (CASE_0000 -> case CASE); this module then
+groups a case's channel files. A cohort is multi-channel when some case has a file of channel 1 or higher (or
+dataset.json declares several channels and such files exist); otherwise nothing here changes a case, so a
+single-channel cohort keeps its catalog rows and hashes. A multi-channel case lists its channel files, in
+channel order, as `image_files` (its `image_path` is channel 0); a case lacking a channel gets a
+`channel_missing` issue naming the case and the channel.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from unet3d.io import strip_image_suffix
+
+from .hashing import sha256_file
+
+
+def split_channel(name: str) -> tuple[str, int | None]:
+    """(case id, channel index) of an image file name: CASE_0001.nii.gz -> (CASE, 1); CASE.nii.gz -> (CASE, None)."""
+    stem = strip_image_suffix(name)
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        return stem[:-5], int(stem[-4:])
+    return stem, None
+
+
+def channel_groups(paths: Iterable[Path]) -> dict[str, dict[int, Path]]:
+    """case id -> channel index -> file, for the files named CASE_NNNN."""
+    groups: dict[str, dict[int, Path]] = {}
+    for path in paths:
+        cid, channel = split_channel(Path(path).name)
+        if channel is not None:
+            groups.setdefault(cid, {}).setdefault(channel, Path(path))
+    return groups
+
+
+def cohort_channel_count(groups: dict[str, dict[int, Path]], declared: int | None = None) -> int:
+    """How many channels the cohort's cases have: 1 unless some file is channel 1 or higher, then the declared
+    count (dataset.json) or the highest channel found + 1. A declared count without such files (MSD's 4-D
+    images) stays 1: such a file is reported not_3d as before."""
+    found = max((max(g) + 1 for g in groups.values()), default=1)
+    if found <= 1:
+        return 1
+    return max(found, declared or 0)
+
+
+def channel_file_name(case_id: str, channel: int, ending: str = ".nii.gz") -> str:
+    return f"{case_id}_{channel:04d}{ending}"
+
+
+def first_file_per_case(images: list[tuple], groups: dict[str, dict[int, Path]]) -> list[tuple]:
+    """(link, target, case id) entries of a folder with one entry per multi-channel case (its first channel
+    file; the others are attached by attach_channels), so that a case's channels are not taken for duplicates."""
+    out, seen = [], set()
+    for entry in images:
+        cid = entry[2]
+        if cid in groups:
+            if cid in seen:
+                continue
+            seen.add(cid)
+        out.append(entry)
+    return out
+
+
+def sha256_channels(paths: Iterable[str | Path]) -> str:
+    """A multi-channel case's image hash: sha256 over its files' hashes in channel order (swapping two channels
+    changes it; a DICOM series' sha256_files sorts them instead)."""
+    digests = [sha256_file(p) for p in paths]
+    return hashlib.sha256(("channels\n" + "\n".join(digests)).encode()).hexdigest()
+
+
+def attach_channels(cases, groups: dict[str, dict[int, Path]], n_channels: int, resolve, outside_issue) -> list[str]:
+    """Give each case of a multi-channel cohort its channel files (in channel order) and a `channel_missing`
+    issue per missing channel. `resolve(path)` gives a file's target or None when it lies outside the cohort,
+    `outside_issue(path)` the issue for such a file. Returns notes for the user (channels beyond the cohort's)."""
+    if n_channels <= 1:
+        return []
+    notes = [f"{n_channels} channels per case (files CASE_0000 ... CASE_{n_channels - 1:04d})"]
+    for case in cases:
+        if case.source_kind == "dicom" or not case.image_files:
+            continue
+        group = groups.get(case.case_id, {})
+        first = Path(case.image_files[0])
+        ending = first.name[len(strip_image_suffix(first.name)):]
+        files: list[str] = []
+        for channel in range(n_channels):
+            link = group.get(channel)
+            if link is None:
+                case.issues.append(("channel_missing", str(first.parent / channel_file_name(case.case_id, channel, ending)),
+                                    f"case {case.case_id}: channel {channel} "
+                                    f"({channel_file_name(case.case_id, channel, ending)}) is missing; the cohort's "
+                                    f"cases have {n_channels} channels (_0000 ... _{n_channels - 1:04d})"))
+                continue
+            target = resolve(link)
+            if target is None:
+                case.issues.append(outside_issue(link))
+                continue
+            files.append(str(target))
+        extra = sorted(c for c in group if c >= n_channels)
+        if extra:
+            notes.append(f"{case.case_id}: channel file(s) {', '.join(group[c].name for c in extra)} ignored: the "
+                         f"cohort declares {n_channels} channels")
+        if files:
+            case.image_files = files
+    return notes
