@@ -10,7 +10,9 @@ the clock (an existing cluster, as with `preprocess.dask_address`), while connec
 and loading the model on each worker are timed. Both write their predictions to their own folder; the script
 checks that every array and every metric row is identical before reporting.
 
-    python benchmarks/distributed_infer.py [--cases 200] [--shape 40x40x20] [--tta]
+    python benchmarks/distributed_infer.py [--cases 200] [--shape 40x40x20] [--no-tta]
+
+Inference settings are the pipeline's defaults (overlap, mirroring TTA, batch size from InferConfig).
 
 Ends with one JSON line: {"benchmark": "distributed_infer_eval_200", "ours": s, "baseline": s, "unit": "s",
 "ratio": ours/baseline} (target: ratio <= 0.75 on a 2-core machine).
@@ -88,7 +90,8 @@ def main() -> None:
     ap.add_argument("--shape", default="40x40x20", help="phantom grid, voxels XxYxZ")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--features", default="8,16", help="network widths per level")
-    ap.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x the network work)")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="mirroring test-time augmentation (8x the network work); default: the pipeline's (infer.tta)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the cohort and outputs here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -102,6 +105,7 @@ def main() -> None:
     from data_catalog.preprocess import run_preprocessing
     from data_catalog.store import PreprocessedStore
     from data_catalog.tables import Catalog
+    from unet3d.config import InferConfig
     from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
     from unet3d.inference import ModelRef, PredictionJob, StageModel, infer_cases
 
@@ -137,7 +141,10 @@ def main() -> None:
                     for r in records]
 
         stages = [EvaluatedStage("full", {1: "organ", 2: "lesion"}, {0: 0, 1: 1, 2: 2})]
-        settings = dict(overlap=0.5, tta=args.tta, batch_size=2)
+        # The pipeline's inference settings (unet3d.config.InferConfig) unless --tta/--no-tta says otherwise
+        defaults = InferConfig()
+        settings = dict(overlap=defaults.overlap, tta=defaults.tta if args.tta is None else args.tta,
+                        batch_size=defaults.batch_size)
 
         # --- baseline: one process -------------------------------------------------------------------------
         single = root / "single"
@@ -174,7 +181,8 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"benchmark": f"distributed_infer_eval_{args.cases}", "ours": round(ours, 3),
-                      "baseline": round(baseline, 3), "unit": "s", "ratio": round(ours / baseline, 3)}))
+                      "baseline": round(baseline, 3), "unit": "s", "ratio": round(ours / baseline, 3),
+                      "tta": settings["tta"], "shape": args.shape}))
 
 
 if __name__ == "__main__":
