@@ -39,6 +39,9 @@ class SourceCase:
     modality: str | None = None
     issues: list[tuple[str, str, str]] = field(default_factory=list)  # (code, path, message) found at discovery
     roots: tuple[str, ...] = ()  # folders the case's files (and the data files their headers name) must stay in
+    # a scan given without a label on purpose (MSD imagesTs/ or a dataset.json test entry, cohort.unlabelled_source):
+    # segmented, never trained on; an image whose label is missing where labels belong stays label_missing
+    unlabelled: bool = False
 
     @property
     def n_channels(self) -> int:
@@ -243,6 +246,7 @@ def _discover_msd(root: Path) -> Source:
             case = SourceCase(case_id=_case_id_from_file(Path(image_rel)), image_files=None, label_path=None,
                               patient_id=None if entry.get("patient_id") is None else str(entry["patient_id"]),
                               source_kind="msd", modality=modality)
+            case.unlabelled = kind == "test"
             for rel, is_label in ((image_rel, False), (label_rel, True)):
                 if rel is None:
                     continue
@@ -326,11 +330,73 @@ def _discover_msd(root: Path) -> Source:
                                     source_kind="msd", modality=modality,
                                     issues=[outside or ("image_missing", str(label), f"label {link.name} has no image in "
                                                                                      f"imagesTr/ and no dataset.json entry")])
+    _add_msd_test_images(root, cases, seen_images, modality)
     groups = channel_groups(p for folder in (images_dir, root / "imagesTs") if folder.is_dir()
                             for p in sorted(folder.glob("*")) if is_image_file(p))
     notes += attach_channels(cases.values(), groups, cohort_channel_count(groups, len(mod) if isinstance(mod, dict) else None),
                              lambda p: _resolve(p) if is_inside(root, p) else None, lambda p: _outside_issue(root, p))
     return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality, notes)
+
+
+def _add_msd_test_images(root: Path, cases: dict[str, SourceCase], seen_images: set[Path], modality) -> None:
+    """imagesTs/ files that dataset.json does not list: unlabelled cases (MSD's test images have no labels)."""
+    tests_dir = root / "imagesTs"
+    if not tests_dir.is_dir():
+        return
+    for link in sorted(p for p in tests_dir.glob("*") if is_image_file(p) and _resolve(p) not in seen_images):
+        cid = _case_id_from_file(link)
+        if cid in cases and cases[cid].unlabelled:
+            continue  # listed in dataset.json's test entries, or another channel file of the same case
+        case = SourceCase(case_id=cid, image_files=None, label_path=None, source_kind="msd", modality=modality,
+                          unlabelled=True)
+        if cid in cases:
+            case.issues.append(("duplicate_case_id", str(link), f"imagesTs/{link.name} has the case id {cid} of a "
+                                                                f"training case"))
+            case.case_id = f"{cid}__imagesTs"
+        if is_inside(root, link):
+            case.image_files = [str(_resolve(link))]
+        else:
+            case.issues.append(_outside_issue(root, link))
+        cases[case.case_id] = case
+
+
+def discover_unlabelled(source: str | Path) -> Source:
+    """A folder of scans without labels (`cohort.unlabelled_source`): each image file (files CASE_0000, CASE_0001 ...
+    are one case), or each DICOM series when the folder holds no image file, is an unlabelled case. No file is
+    taken for a mask here, whatever its name."""
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise IngestError(f"unlabelled source folder {source} does not exist")
+    entries = _image_files(root)
+    if entries:
+        cases: dict[str, SourceCase] = {}
+        for link, target in entries:
+            cid = _case_id_from_file(link)
+            channel_file = strip_image_suffix(link.name) != cid
+            if cid in cases and channel_file and cases[cid].image_files and target is not None:
+                cases[cid].image_files.append(str(target))  # sorted by name: channel order
+                continue
+            case = SourceCase(case_id=cid, image_files=[str(target)] if target else None, label_path=None,
+                              source_kind="folder", unlabelled=True,
+                              issues=[] if target else [_outside_issue(root, link)])
+            if cid in cases:
+                case.issues.append(("duplicate_case_id", str(link), f"{link.name} and another file of {root} both "
+                                                                    f"give case id {cid}"))
+                case.case_id = f"{cid}__{link.name}"
+            cases[case.case_id] = case
+        src = Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None,
+                     [f"{len(cases)} unlabelled scans in {root}"])
+    else:
+        src = _discover_dicom(root, None)
+        if not src.cases:
+            raise IngestError(f"unlabelled source {root}: no image files (.nii.gz .nii .nrrd .mha ...) and no DICOM "
+                              f"series found")
+        src.notes.append(f"{len(src.cases)} unlabelled DICOM series in {root}")
+    for case in src.cases:
+        case.unlabelled = True
+        case.roots = (str(root),)
+    _check_case_names(src.cases)
+    return src
 
 
 def _image_files(folder: Path) -> list[tuple[Path, Path | None]]:

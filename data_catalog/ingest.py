@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .discover import IngestError, SourceCase, discover, normalise_modality
+from .discover import IngestError, Source, SourceCase, discover, discover_unlabelled, normalise_modality
 from .hashing import stat_fingerprint
 from .tables import Catalog, utc_now
 from .validate import ERROR, WARNING, geometry_outliers, inspect_case, issue_row
@@ -81,13 +81,17 @@ def ingest(
     cohort: str,
     workspace: str | Path,
     labels: str | Path | None = None,
+    unlabelled: str | Path | None = None,
     modality: str | None = None,
     declared_labels: dict[int, str] | None = None,
     workers: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> IngestResult:
-    """Add or refresh a cohort in the catalog. Only new or changed cases are read."""
+    """Add or refresh a cohort in the catalog. Only new or changed cases are read. `unlabelled`: a folder of scans
+    without labels (data_catalog.discover.discover_unlabelled) that joins the cohort as unlabelled cases."""
     src = discover(source, labels)
+    if unlabelled is not None:
+        _add_unlabelled(src, discover_unlabelled(unlabelled))
     declared = declared_labels or src.declared_labels
     catalog = Catalog(workspace)
     cohort_modality = normalise_modality(modality) or src.modality
@@ -121,6 +125,7 @@ def ingest(
         new = changed = 0
         for case in reused:
             prev = dict(previous[case.case_id])
+            prev["unlabelled"] = case.unlabelled  # discovery decides (a catalog written before the column has none)
             rows.append(prev)
             issue_rows += [r for r in issues_of.get(case.case_id, ())
                            if r["stage"] == "ingest" and r["code"] != "geometry_outlier"]
@@ -145,13 +150,14 @@ def ingest(
                 "spacing_mm": result.get("spacing_mm"),
                 "status": None,
                 "ingested_at": prev["ingested_at"] if same_content else now,
-                "source_kind": src.kind,
+                "source_kind": case.source_kind,  # an unlabelled folder's DICOM series beside an MSD source
                 "origin_mm": result.get("origin_mm"),
                 "direction": result.get("direction"),
                 "pixel_type": result.get("pixel_type"),
                 "image_files": case.image_files,
                 "image_stat": result.get("image_stat"),
                 "label_stat": result.get("label_stat"),
+                "unlabelled": case.unlabelled,
             })
             old_found = {}
             if same_content:
@@ -189,6 +195,21 @@ def ingest(
     return IngestResult(cohort, len(cases_df), n_ok, len(cases_df) - n_ok, new, changed,
                         len(reused) + (len(todo) - new - changed), removed, len(issues_df),
                         str(catalog.cases_path), str(catalog.issues_path), list(src.notes))
+
+
+def _add_unlabelled(src: Source, extra: Source) -> None:
+    """The unlabelled folder's cases join the source's; a case id the source already has (in any letter case) is
+    a duplicate_case_id of the unlabelled scan, which gets a distinct id."""
+    taken = {c.case_id.casefold() for c in src.cases}
+    for case in extra.cases:
+        if case.case_id.casefold() in taken:
+            case.issues.append(("duplicate_case_id", case.image_path or "", f"unlabelled scan {case.case_id} has the "
+                                f"case id of a case of {src.root}"))
+            case.case_id = f"{case.case_id}__unlabelled"
+        taken.add(case.case_id.casefold())
+        src.cases.append(case)
+    src.cases.sort(key=lambda c: c.case_id)
+    src.notes.extend(extra.notes)
 
 
 def _concat(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:

@@ -61,7 +61,8 @@ def update_splits(workspace: str | Path, cohort: str, ratios: Sequence[float] = 
     catalog = Catalog(workspace)
     with catalog.lock():
         cases = catalog.cases(cohort=cohort, status="ok")
-        cases = cases[cases["label_path"].notna()]
+        # an unlabelled scan (imagesTs/, cohort.unlabelled_source) is segmented, never trained or tested on
+        cases = cases[cases["label_path"].notna() & ~cases["unlabelled"].eq(True)]
         splits = catalog.read("splits")
         mine = splits[splits["cohort"] == cohort]
         assigned = dict(zip(mine["case_id"], mine["split"]))

@@ -40,6 +40,7 @@ CASES_SCHEMA = pa.schema([
     ("image_files", pa.list_(pa.string())),  # DICOM slices in series order; [image_path] for a file
     ("image_stat", pa.string()),  # size+mtime fingerprint of the files: unchanged -> not re-read
     ("label_stat", pa.string()),
+    ("unlabelled", pa.bool_()),  # a scan without label on purpose (imagesTs/, cohort.unlabelled_source): never split
 ])
 
 ISSUES_SCHEMA = pa.schema([

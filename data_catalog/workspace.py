@@ -5,6 +5,7 @@
       preprocessed/COHORT/{plans/, fingerprints/, PLAN_ID/CASE__KEY/}
       models/COHORT/STAGE-ID/                    (the files inside: unet3d.train.ModelFiles)
       predictions/RUN_ID/STAGE/CASE_ID.nii.gz
+      segmentations/COHORT/CHAIN/STAGE/CASE__KEY.nii.gz   unlabelled scans segmented by a model chain (+ CASE__KEY.json)
       cache/stage1/IDENT/CASE__KEY.npy           stage-1 probabilities of a cascade
       reports/metrics|lesions|summary/run_date=.../run_id=.../part-0.parquet
       reports/runs/RUN_ID/report.md
@@ -89,6 +90,19 @@ class Workspace:
     def prediction_path(self, run_id: str, stage: str, case_id: str) -> Path:
         return self.predictions_dir(run_id) / safe_name(stage, "stage name") / f"{case_id}.nii.gz"
 
+    def segmentation_dir(self, cohort: str, chain: str) -> Path:
+        """segmentations/COHORT/CHAIN: the segment stage's predictions of unlabelled scans by one model chain."""
+        return self.root / "segmentations" / safe_name(cohort, "cohort name") / safe_name(chain, "model chain id")
+
+    def segmentation_path(self, cohort: str, chain: str, stage: str, case_dirname: str) -> Path:
+        """segmentations/COHORT/CHAIN/STAGE/CASE__KEY.nii.gz: one scan's labels (named as its preprocessed folder:
+        a scan whose content changes gets a new file)."""
+        return self.segmentation_dir(cohort, chain) / safe_name(stage, "stage name") / f"{case_dirname}.nii.gz"
+
+    def segmentation_record(self, cohort: str, chain: str, case_dirname: str) -> Path:
+        """segmentations/COHORT/CHAIN/CASE__KEY.json: written after the scan's labels; its presence means done."""
+        return self.segmentation_dir(cohort, chain) / f"{case_dirname}.json"
+
     def stage1_cache_dir(self, identity: str) -> Path:
         return self.root / "cache" / "stage1" / identity
 
@@ -106,6 +120,11 @@ class Workspace:
         if which not in ("metrics", "lesions", "summary"):
             raise KeyError(f"unknown report table {which!r}; known: metrics, lesions, summary")
         return self.reports_dir / which
+
+    @property
+    def volumes_table(self) -> Path:
+        """reports/volumes: the segment stage's table (run_date=/run_id= partitions, unet3d.report_tables)."""
+        return self.reports_dir / "volumes"
 
     def run_report_dir(self, run_id: str) -> Path:
         return self.reports_dir / "runs" / safe_name(run_id, "run id", max_len=128)

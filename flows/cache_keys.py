@@ -32,8 +32,12 @@ from unet3d.recipe import stage_time_budgets
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
+# segment (unlabelled scans, with the serving models) runs after train and feeds no other stage: it comes last, so
+# that `until` keeps the other stages' order, and refreshing it (or infer, evaluate, report) refreshes it alone.
+STAGES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report", "segment")
 DOWNSTREAM = {s: STAGES[i:] for i, s in enumerate(STAGES)}
+for _stage in ("infer", "evaluate", "report"):  # segment reads none of their results
+    DOWNSTREAM[_stage] = tuple(t for t in DOWNSTREAM[_stage] if t != "segment")
 
 # The code that defines each stage's output: whole library files, and from the wiring layer only the
 # functions of that stage (renaming a helper in flows/ must not retrain every model).
@@ -55,6 +59,14 @@ STAGE_SOURCES = {
     "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py",
                "unet3d/labels.py", "unet3d/io.py", "flows.stages:run_report", "flows.stages:_overlay_cases"],
 }
+
+# The segment stage: its wiring and its table. What makes a segmentation (the inference code) is in the model
+# chain's identity (SEGMENTATION_SOURCES), so a change to the volumes table recomputes the table, not the scans.
+STAGE_SOURCES["segment"] = ["unet3d/volumes.py", "unet3d/report_tables.py", "unet3d/labels.py", "unet3d/io.py",
+                            "flows.stages:run_segment", "flows.stages:serving_models", "flows.stages:_segment_jobs",
+                            "flows.stages:_volume_rows", "flows.cache_keys:unlabelled_cases"]
+SEGMENTATION_SOURCES = ["unet3d/inference.py", "unet3d/case_folder.py", "unet3d/models.py", "unet3d/postprocess.py",
+                        "unet3d/sliding_window.py", "unet3d/resample.py", "unet3d/io.py"]
 
 # Config keys that change how fast a stage runs, not what it produces. train.devices is not one of them: the
 # batch is per DDP process and each process samples its own patches, so the world size changes the weights (it
@@ -175,6 +187,10 @@ def key_ingest(workspace: str, cfg: PipelineConfig) -> str:
     c = cfg.cohort
     if not c.source:
         return stage_key("ingest", c.name, "catalog", cohort_fingerprint(workspace, c.name))
+    if c.unlabelled_source:  # its files count too; a config without one keeps the key it had before the key existed
+        labelled = cfg.model_copy(update={"cohort": c.model_copy(update={"unlabelled_source": None})})
+        return stage_key("ingest", key_ingest(workspace, labelled),
+                         {"unlabelled": source_fingerprint(c.unlabelled_source)})
     return stage_key("ingest", c.name, source_fingerprint(c.source, c.labels_dir), c.modality,
                      cfg.model_dump(mode="json")["labels"])
 
@@ -260,6 +276,38 @@ def stage1_cache_identity(cfg: PipelineConfig, first_model: dict, checkpoint: st
     infer = {k: v for k, v in _json(cfg.infer).items() if k != "splits"}
     return stable_hash({"train_key": first_model["key"], "checkpoint": sha256_file(checkpoint), "plan": plan_id,
                         "infer": config_part("infer", infer), "code": code_version("infer")}, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# segment
+# ---------------------------------------------------------------------------------------------------------
+def unlabelled_cases(workspace: str | Path, cfg: PipelineConfig):
+    """The cohort's unlabelled scans that can be segmented (status ok), sorted by case id."""
+    cases = Catalog(workspace).cases(cohort=cfg.cohort.name, status="ok")
+    return cases[cases["unlabelled"].eq(True)].sort_values("case_id").reset_index(drop=True)
+
+
+def segment_chain_identity(cfg: PipelineConfig, models: list[dict]) -> str:
+    """What a scan's segmentation depends on besides the scan: each stage model (training key and checkpoint
+    content), its plan, the cascade margins, the inference settings that change outputs (overlap, TTA) and the
+    inference code. A scan segmented under the same identity is not segmented again."""
+    infer = {k: v for k, v in _json(cfg.infer).items() if k != "splits"}
+    code = hashlib.sha256(b"".join(ref.encode() + _source_bytes("segment", ref) for ref in SEGMENTATION_SOURCES))
+    return stable_hash({"models": [[m["key"], m.get("checkpoint_sha256"), m["plan_id"]] for m in models],
+                        "margins": [s.margin_mm if s.roi_from else None for s in cfg.resolved_stages()],
+                        "infer": config_part("infer", infer), "code": code.hexdigest()[:12]}, 16)
+
+
+def key_segment(workspace: str, cfg: PipelineConfig, models: list[dict], run_id: str) -> str:
+    """The scans (ids and content), the model chain, the training references whose volumes the QC compares with
+    (the train split's labels), the final stage's classes, the component connectivity, and the run whose
+    volumes table it writes."""
+    scans = unlabelled_cases(workspace, cfg)[["case_id", "image_sha256"]].astype(str).to_numpy().tolist()
+    cases = labelled_cases(workspace, cfg)
+    references = cases[cases["split"] == "train"][["case_id", "label_sha256"]].astype(str).to_numpy().tolist()
+    final = cfg.resolved_stages()[-1]
+    return stage_key("segment", segment_chain_identity(cfg, models), scans, references,
+                     [final.name, dict(final.classes), final.label_map()], cfg.evaluate.lesion_connectivity, run_id)
 
 
 # ---------------------------------------------------------------------------------------------------------

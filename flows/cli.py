@@ -18,8 +18,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-STAGE_COMMANDS = ("preprocess", "split", "train", "infer", "evaluate")
-STAGE_NAMES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report")
+STAGE_COMMANDS = ("preprocess", "split", "train", "infer", "evaluate", "segment")
+STAGE_NAMES = ("ingest", "preprocess", "split", "train", "infer", "evaluate", "report", "segment")
 # predict's output formats: file suffix by --format name
 OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
 # an input's own format -> the label format written for it by default (a header+raw pair becomes one file)
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="MSD/nnU-Net folder, plain image folder, or folder of DICOM series")
     p.add_argument("--cohort", required=True, help="cohort name")
     p.add_argument("--labels", default=None, help="folder of labels matched to images by case id (plain folders)")
+    p.add_argument("--unlabelled", default=None, metavar="DIR",
+                   help="folder of scans without labels: ingested as unlabelled cases, segmented, never trained on")
     p.add_argument("--modality", choices=["CT", "MRI", "other"], default=None)
 
     p = sub.add_parser("run", help="the whole pipeline: ingest -> preprocess -> split -> train -> infer -> evaluate -> report")
@@ -287,6 +289,7 @@ def cmd_ingest(args) -> int:
         raise ValueError(f"--cohort: {exc}") from None
     ws = _workspace(args)
     result = ingest(args.source, args.cohort, ws, labels=args.labels, modality=args.modality,
+                    unlabelled=args.unlabelled,
                     workers=min(2, os.cpu_count() or 1), progress=lambda it, **kw: tqdm(it, leave=False, **kw))
     print(result.summary())
     from data_catalog.tables import Catalog
@@ -340,6 +343,10 @@ def _print_run(results: dict, seconds: float) -> None:
         print(f"predictions: {ws.predictions_dir(r['run_id'])}")
     else:
         print(f"workspace:   {ws.root}")
+    segment = results.get("segment") or {}
+    if segment.get("volumes_path"):
+        print(f"volumes:     {ws.volumes_table}   ({segment['n_scans']} unlabelled scans, {segment['segmented']} "
+              f"segmented now, {len(segment['qc_flagged'])} flagged by QC)")
 
 
 def cmd_run(args) -> int:

@@ -108,6 +108,12 @@ def report_task(key: str, workspace: str, cfg: PipelineConfig, evaluate: dict) -
     return S.run_report(workspace, cfg, key, evaluate)
 
 
+@task(name="segment", **STAGE_TASK_OPTIONS)
+def segment_task(key: str, workspace: str, cfg: PipelineConfig, models: list[dict], run_id: str,
+                 refresh: bool = False) -> dict:
+    return S.run_segment(workspace, cfg, key, models, run_id, refresh=refresh)
+
+
 # The stage this process is running (for the command line's message when Ctrl-C stops it).
 _RUNNING: dict[str, Any] = {}
 
@@ -207,6 +213,18 @@ def report_flow(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: li
                  dict(cfg=cfg, evaluate=evaluate))
 
 
+@flow(name="segment")
+def segment_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict,
+                 refresh: list[str] | None = None) -> dict:
+    """The unlabelled scans with the serving models (flows.stages.serving_models); its volumes table is the
+    partition of this run (the run id of infer's key)."""
+    refresh_set = set(refresh or [])
+    models = S.serving_models(workspace, cfg, trains)
+    run_id = K.run_id_for(cfg, K.key_infer(workspace, cfg, trains, preprocess))
+    return _call("segment", "segment", segment_task, K.key_segment(workspace, cfg, models, run_id), workspace,
+                 refresh_set, dict(cfg=cfg, models=models, run_id=run_id, refresh="segment" in refresh_set))
+
+
 ARTIFACT_METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95_mm")
 
 
@@ -279,7 +297,8 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     refresh_list = expand_refresh(refresh)
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
-    last = STAGES.index(until)
+    # `until` segment: the stages it needs (up to train), then segment
+    last = STAGES.index(until) if until != "segment" else STAGES.index("train")
     logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg.cohort.name, ws,
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
@@ -302,6 +321,8 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
             results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
         if last >= 6:
             results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
+        if until in ("report", "segment"):  # after train, last: it feeds no stage
+            results["segment"] = segment_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
     _log_outcome(results)
     if "report" in results:
         _publish_artifacts(results["report"])

@@ -33,8 +33,10 @@ def _dataset_labels(meta: object) -> dict[int, str] | None:
 
 
 def check_sources(cfg: PipelineConfig) -> None:
-    """cohort.source and cohort.labels_dir exist and are folders."""
-    for key in ("source", "labels_dir"):
+    """cohort.source, cohort.labels_dir and cohort.unlabelled_source exist and are folders."""
+    if cfg.cohort.unlabelled_source and not cfg.cohort.source:
+        raise ConfigError("cohort.unlabelled_source: needs cohort.source (the unlabelled scans join its cases)")
+    for key in ("source", "labels_dir", "unlabelled_source"):
         path = getattr(cfg.cohort, key)
         if path is None:
             continue

@@ -57,7 +57,8 @@ def run_ingest(workspace: str, cfg: PipelineConfig, key: str) -> dict:
                                                   "n_ok": int((cases["status"] == "ok").sum()),
                                                   "outputs": [str(catalog.cases_path)]})
     declared = {**cfg.labels, 0: "background"} if cfg.labels else None
-    result = ingest(c.source, c.name, workspace, labels=c.labels_dir, modality=c.modality,
+    result = ingest(c.source, c.name, workspace, labels=c.labels_dir, unlabelled=c.unlabelled_source,
+                    modality=c.modality,
                     declared_labels=declared, workers=cfg.preprocess.workers)
     log.info(result.summary())
     issues = catalog.read("issues")
@@ -284,6 +285,127 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
         "run_id": run_id, "n_cases": len(jobs), "predicted": done.predicted, "resumed": done.resumed,
         "warnings": done.warnings, "splits": dict(sorted(zip(chosen["case_id"], chosen["split"]))),
         "predictions_dir": str(ws.predictions_dir(run_id)), "outputs": [str(record_path), str(ws.predictions_dir(run_id))]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# segment
+# ---------------------------------------------------------------------------------------------------------
+def serving_models(workspace: str, cfg: PipelineConfig, trains: list[dict]) -> list[dict]:
+    """The model chain that segments the unlabelled scans, one train-stage result per stage of the cascade (its
+    `key`, `model_dir`, `best_checkpoint`, `checkpoint_sha256`, `plan_id`): the one place that decides which
+    models serve. Today: the models this run trained."""
+    return list(trains)
+
+
+def _segment_jobs(ws: Workspace, cfg: PipelineConfig, chain: str, models: list[dict], plans: list[dict],
+                  scans: list[dict]) -> list[tuple[dict, object, Path]]:
+    """Per scan: its catalog record, its PredictionJob (labels under the chain's folder, named by the scan's
+    content; a cascade's stage-1 probabilities in the stage-1 cache shared with infer) and the record file whose
+    presence says the chain has segmented it."""
+    from unet3d.inference import PredictionJob
+
+    store, stages, cohort = PreprocessedStore(ws.root, cfg.cohort.name), cfg.resolved_stages(), cfg.cohort.name
+    cache_id = (stage1_cache_identity(cfg, models[0], models[0]["best_checkpoint"], plans[0]["plan_id"])
+                if len(stages) > 1 else None)
+    items = []
+    for case in scans:
+        name = store.case_dir(plans[0]["plan_id"], case).name
+        ready = all(store.has_case(p["plan_id"], case) for p in plans)
+        job = PredictionJob(case["case_id"], {s.name: ws.segmentation_path(cohort, chain, s.name, name) for s in stages},
+                            case_dirs=[store.case_dir(p["plan_id"], case) for p in plans] if ready else None,
+                            stage1_cache=ws.stage1_cache_file(cache_id, name) if cache_id is not None else None)
+        items.append((case, job, ws.segmentation_record(cohort, chain, name)))
+    return items
+
+
+def _volume_rows(ws: Workspace, cfg: PipelineConfig, chain: str, items: list, ranges: dict) -> list[dict]:
+    """The volumes table's rows (unet3d.volumes) of every segmented scan, from its written labels."""
+    from unet3d.volumes import read_scan_rows
+
+    stages = cfg.resolved_stages()
+    final = stages[-1]
+    rows = []
+    for case, job, record in items:
+        if not record.exists():
+            continue
+        roi_found = json.loads(record.read_text())["roi_found"]
+        roi_file = job.targets[stages[0].name] if len(stages) > 1 else None
+        for row in read_scan_rows(case["case_id"], job.targets[final.name], dict(final.classes), roi_file, roi_found,
+                                  ranges, cfg.evaluate.lesion_connectivity):
+            rows.append({"cohort": cfg.cohort.name, "stage": final.name, "model": chain, **row,
+                         "prediction_path": ws.relative(job.targets[final.name])})
+    return rows
+
+
+def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict], run_id: str,
+                progress: bool = True, refresh: bool = False) -> dict:
+    """Segment every unlabelled scan that this model chain has not segmented yet (a scan segmented by the same
+    models with the same settings is kept, whichever run did it), then write the run's volumes table: one row per
+    scan and structure of the final stage, with its QC flags (unet3d.volumes). `refresh` (--refresh segment): the
+    chain's segmentations are removed first and every scan is segmented again."""
+    from data_catalog.parallel import case_client, infer_on_cluster
+    from unet3d.inference import InferenceSummary, ModelRef, StageModel, infer_cases
+    from unet3d.io import write_json_atomic
+    from unet3d.report_tables import VOLUMES_SCHEMA, write_partition
+    from unet3d.volumes import VOLUME_OUTLIER_RULE, read_training_ranges
+
+    from .cache_keys import segment_chain_identity, unlabelled_cases
+
+    ws, cohort, stages = Workspace(workspace), cfg.cohort.name, cfg.resolved_stages()
+    if len(models) != len(stages):
+        raise ValueError(f"segment: {len(models)} serving models for the {len(stages)} stages of the config")
+    store = PreprocessedStore(workspace, cohort)
+    plans = [store.load_plan(m["plan_id"]) for m in models]
+    chain = segment_chain_identity(cfg, models)
+    if refresh:
+        drop_marker(workspace, "segment", key)
+        _set_aside(ws.segmentation_dir(cohort, chain))
+        log.info("segment %s: --refresh segment: the segmentations of model chain %s removed", cohort, chain)
+    items = _segment_jobs(ws, cfg, chain, models, plans, case_records(unlabelled_cases(workspace, cfg)))
+    # a scan is done when its record is written (after its labels) and its labels are still there
+    todo = [job for _case, job, record in items
+            if not (record.exists() and all(Path(p).exists() for p in job.targets.values()))]
+    margins = [s.margin_mm if s.roi_from else None for s in stages]
+    pre, infer = cfg.preprocess, cfg.infer
+    with case_client(len(todo), pre.workers, pre.dask_address, pre.memory_limit) as client:
+        if not todo:
+            done = InferenceSummary([])
+        elif client is None:
+            loaded = [StageModel.load(m["model_dir"], device=cfg.train.device, margin_mm=mm) for m, mm in zip(models, margins)]
+            done = infer_cases(todo, loaded, plans, infer.overlap, infer.tta, infer.batch_size, resume=False,
+                               progress=progress, desc="segment")
+        else:
+            refs = [ModelRef.of(m["model_dir"], device=cfg.train.device, margin_mm=mm, sha256=m.get("checkpoint_sha256"))
+                    for m, mm in zip(models, margins)]
+            done = infer_on_cluster(client, todo, refs, plans, infer.overlap, infer.tta, infer.batch_size, resume=False,
+                                    progress=progress, desc="segment")
+    records = {job.case_id: (case, record) for case, job, record in items}
+    for outcome in done.outcomes:
+        if outcome.written:
+            case, record = records[outcome.case_id]
+            write_json_atomic(record, {"case_id": outcome.case_id, "image_sha256": case["image_sha256"], "chain": chain,
+                                       "roi_found": outcome.roi_found, "warnings": outcome.warnings}, indent=1)
+    not_preprocessed = sorted(o.case_id for o in done.outcomes if not o.written)
+
+    final = stages[-1]
+    labelled = labelled_cases(workspace, cfg)
+    ranges = read_training_ranges(labelled.loc[labelled["split"] == "train", "label_path"], final.label_map(),
+                                  final.classes)
+    rows = _volume_rows(ws, cfg, chain, items, ranges)
+    run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    volumes_path = write_partition(pd.DataFrame(rows, columns=VOLUMES_SCHEMA.names), ws.volumes_table, run_date,
+                                   run_id, VOLUMES_SCHEMA) if items else None
+    flagged = sorted({r["case_id"] for r in rows if r["qc_empty"] or r["qc_volume_outlier"] or r["qc_roi_at_border"]})
+    log.info("segment %s: %d unlabelled scans, %d segmented now, %d already segmented by model chain %s%s; "
+             "%d scans flagged by QC (empty, %s, ROI at the border)%s", cohort, len(items), done.predicted,
+             len(items) - len(todo), chain, f", {len(not_preprocessed)} not preprocessed" if not_preprocessed else "",
+             len(flagged), VOLUME_OUTLIER_RULE, f" -> {volumes_path}" if volumes_path else "")
+    return _finish(workspace, "segment", key, {
+        "run_id": run_id, "run_date": run_date, "chain": chain, "n_scans": len(items), "segmented": done.predicted,
+        "already_segmented": len(items) - len(todo), "not_preprocessed": not_preprocessed, "warnings": done.warnings,
+        "qc_flagged": flagged, "n_rows": len(rows), "segmentations_dir": str(ws.segmentation_dir(cohort, chain)),
+        "volumes_path": str(volumes_path) if volumes_path else None,
+        "outputs": [str(volumes_path)] if volumes_path else []})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ class CaseOutcome:
     warnings: list[str]
     resumed: bool = False  # every target existed: predicted before an interruption
     error: str | None = None  # keep_going: why this case failed
+    roi_found: bool | None = None  # a cascade's stage 1 found an ROI (None: one stage, or nothing predicted)
 
 
 @dataclass
@@ -238,7 +239,8 @@ def _predict_job(job: PredictionJob, models: Sequence[StageModel], plans: Sequen
     written = []
     for name, labels in out.labels.items():
         written.append(write_image_atomic(from_numpy(labels.astype(np.uint8), geometry), job.targets[name]))
-    return CaseOutcome(job.case_id, written, list(out.warnings))
+    return CaseOutcome(job.case_id, written, list(out.warnings),
+                       roi_found=(out.roi_box is not None) if len(models) > 1 else None)
 
 
 def infer_cases(jobs: Sequence[PredictionJob], models: Sequence[StageModel], plans: Sequence[dict],

@@ -90,6 +90,28 @@ LESIONS_SCHEMA: pa.Schema = pa.schema(
     ]
 )
 
+#: One row per segmented scan x structure of the final stage (unet3d.volumes): the segment stage's table.
+VOLUMES_SCHEMA: pa.Schema = pa.schema(
+    [
+        ("cohort", pa.string()),
+        ("stage", pa.string()),
+        ("model", pa.string()),  # the model chain's identity (flows.cache_keys.segment_chain_identity)
+        ("case_id", pa.string()),
+        ("class_index", pa.int16()),
+        ("structure", pa.string()),
+        ("volume_ml", pa.float64()),
+        ("voxel_count", pa.int64()),
+        ("n_components", pa.int64()),
+        ("roi_found", pa.bool_()),  # a cascade's stage 1 found an ROI; null for a single stage
+        ("qc_empty", pa.bool_()),
+        ("qc_volume_outlier", pa.bool_()),  # outside [train_min_ml, train_max_ml]; null without references
+        ("qc_roi_at_border", pa.bool_()),
+        ("train_min_ml", pa.float64()),
+        ("train_max_ml", pa.float64()),
+        ("prediction_path", pa.string()),  # relative to the workspace
+    ]
+)
+
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
