@@ -27,8 +27,10 @@ import numpy as np
 
 from unet3d.case_folder import IMAGE_FILE, LABEL_FILE, PROPS_FILE, read_props
 from unet3d.io import Geometry, read_case_image, read_image, to_numpy, write_json_atomic
-from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox, plan_normalisation,
-                             preprocess_consuming)
+from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
+                             plan_channel_normalisations, plan_normalisation, preprocess_consuming)
+
+from .channels import record_channels
 
 # Bump when the preprocessing code changes what it writes: every plan id (and so every cached case) changes.
 PREPROCESS_VERSION = 3
@@ -114,12 +116,20 @@ def _single_thread_itk() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _read_case(case: dict) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+def _read_case(case: dict) -> tuple[np.ndarray | list[np.ndarray], np.ndarray | None, Geometry]:
+    """(image, label, geometry); the image of a multi-channel case is a list of (x, y, z) arrays, one per channel
+    (ingestion checked that they share channel 0's geometry)."""
     files = list(case["image_files"]) if case.get("image_files") is not None else [case["image_path"]]
-    image = read_case_image(files, dicom=case.get("source_kind") == "dicom")
-    geometry = Geometry.of(image)
-    voxels = to_numpy(image)
-    del image
+    if record_channels(case) > 1:
+        images = [read_case_image([f], dicom=False) for f in files]
+        geometry = Geometry.of(images[0])
+        voxels = [to_numpy(i) for i in images]
+        del images
+    else:
+        image = read_case_image(files, dicom=case.get("source_kind") == "dicom")
+        geometry = Geometry.of(image)
+        voxels = to_numpy(image)
+        del image
     label = None
     if case.get("label_path"):
         label_img = read_image(case["label_path"])
@@ -171,12 +181,26 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
         return {"case_id": case["case_id"], "status": "cached", "path": str(path)}
     try:
         image, label, geometry = _read_case(case)
+        channels = image if isinstance(image, list) else None
+        image = channels[0] if channels is not None else image
         perm, flips = canonical_axes(geometry.direction_matrix())
         canon = canonical_geometry(geometry, perm, flips)
         # The crop box is computed on the original axes and permuted: same box, no reoriented copies.
         nonzero = image != 0
+        for other in (channels or [])[1:]:
+            nonzero |= other != 0
         if label is not None:
             nonzero |= label > 0
+        channel_samples = None
+        if channels is not None:  # each channel's intensities at the same voxels, for its own ct normalisation
+            where = label > 0 if label is not None and label.any() else nonzero if nonzero.any() else None
+            channel_rng = np.random.default_rng([seed, int(content_key(case)[:8], 16), 1])
+            channel_samples = []
+            for voxels in channels:
+                values = voxels[where] if where is not None else voxels.ravel()
+                if values.size > FOREGROUND_SAMPLE_PER_CASE:
+                    values = values[channel_rng.integers(0, values.size, FOREGROUND_SAMPLE_PER_CASE)]
+                channel_samples.append([float(v) for v in values.astype(np.float64)])
         raw_box = nonzero_bbox(nonzero)
         bbox = [raw_box[p] for p in perm]
         # Both arrays share one memory layout: ravel("K") walks them in the same order without copying.
@@ -207,6 +231,8 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
             "class_voxels": classes,
             "labelled": label is not None,
         }
+        if channel_samples is not None:
+            record["channel_foreground_samples"] = channel_samples
     except Exception as exc:  # a bad case must not stop the cohort; a full disk or no memory must
         _raise_if_environment(exc, f"fingerprinting case {case['case_id']}")
         return {"case_id": case["case_id"], "status": "failed", "error": _describe(exc)}
@@ -232,7 +258,7 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
     tmp = Path(plan_dir) / f"{TMP_PREFIX}{case_dirname(case)}-{uuid.uuid4().hex[:8]}"
     try:
         image, label, geometry = _read_case(case)
-        normalisation = plan_normalisation(plan)
+        normalisation = plan_channel_normalisations(plan) or plan_normalisation(plan)
         arrays = [image, label]
         del image, label  # handed over: the raw volume is freed as soon as it has been resampled
         image, label, props = preprocess_consuming(
@@ -245,7 +271,8 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
         if final.exists():  # left incomplete by a crash of the machine
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
-        np.save(tmp / IMAGE_FILE, image[None].astype(np.float32, copy=False))  # (1, X, Y, Z): channel first
+        # (C, X, Y, Z): channel first, C = 1 for a single-channel case
+        np.save(tmp / IMAGE_FILE, (image if image.ndim == 4 else image[None]).astype(np.float32, copy=False))
         if label is not None:
             np.save(tmp / LABEL_FILE, label)
         meta = props.to_dict()

@@ -89,7 +89,8 @@ def attach_channels(cases, groups: dict[str, dict[int, Path]], n_channels: int, 
         for channel in range(n_channels):
             link = group.get(channel)
             if link is None:
-                case.issues.append(("channel_missing", str(first.parent / channel_file_name(case.case_id, channel, ending)),
+                missing = first.parent / channel_file_name(case.case_id, channel, ending)
+                case.issues.append(("channel_missing", str(missing),
                                     f"case {case.case_id}: channel {channel} "
                                     f"({channel_file_name(case.case_id, channel, ending)}) is missing; the cohort's "
                                     f"cases have {n_channels} channels (_0000 ... _{n_channels - 1:04d})"))
@@ -106,3 +107,72 @@ def attach_channels(cases, groups: dict[str, dict[int, Path]], n_channels: int, 
         if files:
             case.image_files = files
     return notes
+
+
+def record_channels(case: dict) -> int:
+    """Channels of a catalog case record (data_catalog.case_worker.case_records): its image files, unless they are
+    one DICOM series."""
+    files = case.get("image_files")
+    return 1 if case.get("source_kind") == "dicom" or files is None or not len(files) else len(files)
+
+
+def cohort_channels(cases: list[dict]) -> int:
+    """The one channel count of the cases to preprocess together; cases that differ are refused naming one."""
+    counts: dict[int, str] = {}
+    for case in cases:
+        counts.setdefault(record_channels(case), case["case_id"])
+    if len(counts) > 1:
+        (n1, c1), (n2, c2) = sorted(counts.items())[:2]
+        raise ValueError(f"case {c1} has {n1} channel(s) and case {c2} has {n2}: a cohort's cases must all have the "
+                         f"same channels (files CASE_0000, CASE_0001, ...)")
+    return next(iter(counts), 1)
+
+
+def group_channel_inputs(paths: list[Path], n_channels: int) -> list[tuple[Path, list[str] | None]]:
+    """`unet3d predict`'s inputs as cases: (first file, the case's channel files in order, or None for one channel).
+
+    For a model of `n_channels` > 1, files named CASE_0000 ... of one folder are one case; files without such a
+    suffix are taken in the order given, `n_channels` at a time (`-i t1.nii.gz -i t2.nii.gz`). A case lacking a
+    channel, or files that do not make whole cases, are refused naming them. One channel: every input is a case."""
+    if n_channels <= 1:
+        return [(p, None) for p in paths]
+    expected = f"the model takes {n_channels} channels per case (files CASE_0000 ... CASE_{n_channels - 1:04d})"
+    named: dict[tuple[Path, str], dict[int, Path]] = {}
+    plain: list[Path] = []
+    order: list[tuple] = []
+    for path in paths:
+        cid, channel = split_channel(path.name) if path.is_file() else (path.name, None)
+        if channel is None:
+            if len(plain) % n_channels == 0:
+                order.append(("plain", len(plain)))
+            plain.append(path)
+            continue
+        key = (path.parent, cid)
+        if key not in named:
+            named[key] = {}
+            order.append(("named", key))
+        if channel in named[key]:
+            raise ValueError(f"{cid}: channel {channel} given twice ({named[key][channel]} and {path})")
+        named[key][channel] = path
+    if len(plain) % n_channels:
+        raise ValueError(f"{expected}: the {len(plain)} input(s) without a _NNNN channel suffix "
+                         f"({', '.join(p.name for p in plain[:6])}) do not make whole cases: give each case's "
+                         f"{n_channels} files in channel order (-i t1.nii.gz -i t2.nii.gz) or name them CASE_0000 ...")
+    cases = []
+    for kind, key in order:
+        if kind == "plain":
+            files = plain[key:key + n_channels]
+            cases.append((files[0], [str(p) for p in files]))
+            continue
+        group = named[key]
+        first = next(iter(group.values()))
+        ending = first.name[len(strip_image_suffix(first.name)):]
+        missing = [c for c in range(n_channels) if c not in group]
+        extra = sorted(c for c in group if c >= n_channels)
+        if missing:
+            raise ValueError(f"{key[1]}: channel {missing[0]} ({channel_file_name(key[1], missing[0], ending)}) is "
+                             f"missing in {key[0]}: {expected}")
+        if extra:
+            raise ValueError(f"{key[1]}: {group[extra[0]].name} is channel {extra[0]}, but {expected}")
+        cases.append((group[0], [str(group[c]) for c in range(n_channels)]))
+    return cases

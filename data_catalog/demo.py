@@ -605,7 +605,8 @@ def _generate_cohort(
     # Cases of an earlier, larger cohort that this one no longer lists are ours to remove.
     if previous is not None:
         for stale_id in sorted(set(previous["cases"]) - set(case_ids)):
-            for stale in [images_dir / f"{stale_id}.nii.gz", *images_dir.glob(f"{stale_id}_[0-9][0-9][0-9][0-9].nii.gz")]:
+            channel_files = images_dir.glob(f"{stale_id}_[0-9][0-9][0-9][0-9].nii.gz")
+            for stale in [images_dir / f"{stale_id}.nii.gz", *channel_files]:
                 stale.unlink(missing_ok=True)
             (labels_dir / f"{stale_id}.nii.gz").unlink(missing_ok=True)
 

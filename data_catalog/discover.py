@@ -333,7 +333,8 @@ def _discover_msd(root: Path) -> Source:
     _add_msd_test_images(root, cases, seen_images, modality)
     groups = channel_groups(p for folder in (images_dir, root / "imagesTs") if folder.is_dir()
                             for p in sorted(folder.glob("*")) if is_image_file(p))
-    notes += attach_channels(cases.values(), groups, cohort_channel_count(groups, len(mod) if isinstance(mod, dict) else None),
+    declared_channels = len(mod) if isinstance(mod, dict) else None
+    notes += attach_channels(cases.values(), groups, cohort_channel_count(groups, declared_channels),
                              lambda p: _resolve(p) if is_inside(root, p) else None, lambda p: _outside_issue(root, p))
     return Source("msd", root, sorted(cases.values(), key=lambda c: c.case_id), declared, modality, notes)
 

@@ -23,15 +23,24 @@ from .parallel import map_cases
 from .store import PreprocessedStore
 
 
-def plan_key(preprocess_config: PreprocessConfig | dict, modality: str) -> str:
-    """The key a plan is pinned under: the config keys that shape a plan, the modality, the code version."""
+def plan_key(preprocess_config: PreprocessConfig | dict, modality: str, channels: int = 1) -> str:
+    """The key a plan is pinned under: the config keys that shape a plan, the modality, the code version (and the
+    channel count of a multi-channel cohort)."""
     cfg = PreprocessConfig.model_validate(preprocess_config).model_dump(mode="json")
     relevant = {k: cfg[k] for k in ("target_spacing", "normalisation", "image_interpolation", "label_interpolation")}
-    return stable_hash({"config": relevant, "modality": modality, "version": PREPROCESS_VERSION}, 12)
+    identity = {"config": relevant, "modality": modality, "version": PREPROCESS_VERSION}
+    if channels > 1:
+        identity["channels"] = channels
+    return stable_hash(identity, 12)
 
 
-def make_plan(fingerprints: list[dict], modality: str, preprocess_config: PreprocessConfig | dict) -> dict:
-    """Target spacing, normalisation and interpolation for a cohort, from its per-case fingerprints."""
+def make_plan(fingerprints: list[dict], modality: str, preprocess_config: PreprocessConfig | dict,
+              channels: int = 1) -> dict:
+    """Target spacing, normalisation and interpolation for a cohort, from its per-case fingerprints.
+
+    A cohort of `channels` > 1 gets one normalisation per channel (`channel_normalisations`, channel 0's also as
+    `normalisation`), each from `preprocess.normalisation` (one scheme for all, or a list of one per channel)
+    and, for `ct`, from that channel's own foreground intensities. A single-channel plan is unchanged."""
     cfg = PreprocessConfig.model_validate(preprocess_config)
     if not fingerprints:
         raise ValueError("no case could be fingerprinted: nothing to plan from")
@@ -47,15 +56,23 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: Prepro
         target = np.asarray(cfg.target_spacing, dtype=np.float64)
     target = np.round(target, 6)
 
-    scheme = cfg.normalisation
-    if scheme == "auto":
-        scheme = "ct" if modality == "CT" else "zscore"
-    norm: dict = {"scheme": scheme}
-    if scheme == "ct":
-        sample = np.concatenate([np.asarray(f["foreground_sample"], dtype=np.float64) for f in fingerprints
-                                 if f.get("labelled")] or [np.asarray(f["foreground_sample"]) for f in fingerprints])
-        norm.update(clip_low=float(np.percentile(sample, 0.5)), clip_high=float(np.percentile(sample, 99.5)),
-                    mean=float(sample.mean()), std=float(sample.std()))
+    schemes = channel_schemes(cfg.normalisation, channels)
+
+    def channel_norm(channel: int) -> dict:
+        scheme = schemes[channel]
+        if scheme == "auto":
+            scheme = "ct" if modality == "CT" else "zscore"
+        norm: dict = {"scheme": scheme}
+        if scheme == "ct":
+            def samples(f):
+                return f["foreground_sample"] if channel == 0 else f["channel_foreground_samples"][channel]
+            sample = np.concatenate([np.asarray(samples(f), dtype=np.float64) for f in fingerprints
+                                     if f.get("labelled")] or [np.asarray(samples(f)) for f in fingerprints])
+            norm.update(clip_low=float(np.percentile(sample, 0.5)), clip_high=float(np.percentile(sample, 99.5)),
+                        mean=float(sample.mean()), std=float(sample.std()))
+        return norm
+
+    norm = channel_norm(0)
     shapes = np.array([np.asarray(f.get("cropped_shape", f["canonical_shape"])) * np.asarray(f["canonical_spacing"])
                        / target for f in fingerprints])
     plan = {
@@ -65,6 +82,8 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: Prepro
         "label_mode": cfg.label_interpolation,
         "version": PREPROCESS_VERSION,
     }
+    if channels > 1:  # only then: a single-channel plan keeps its plan id
+        plan["channel_normalisations"] = [norm] + [channel_norm(c) for c in range(1, channels)]
     plan["plan_id"] = stable_hash(plan, 12)
     plan["median_shape"] = [int(round(s)) for s in np.median(shapes, axis=0)]
     plan["modality"] = modality
@@ -81,14 +100,26 @@ def scaled_plan(plan: dict, factor: float) -> dict:
     out["target_spacing"] = [round(t * factor, 6) for t in plan["target_spacing"]]
     out["median_shape"] = [max(1, int(round(s / factor))) for s in plan["median_shape"]]
     out["spacing_factor"] = factor
-    identity = {k: out[k] for k in ("target_spacing", "normalisation", "image_order", "label_mode", "version")}
+    identity = {k: out[k] for k in ("target_spacing", "normalisation", "image_order", "label_mode", "version",
+                                    "channel_normalisations") if k in out}
     out["plan_id"] = stable_hash(identity, 12)
     return out
 
 
+def channel_schemes(normalisation: str | list[str], channels: int) -> list[str]:
+    """`preprocess.normalisation` as one scheme per channel; a list must name one scheme per channel."""
+    if not isinstance(normalisation, list):
+        return [normalisation] * channels
+    if len(normalisation) != channels:
+        raise ValueError(f"preprocess.normalisation lists {len(normalisation)} schemes {normalisation} but the "
+                         f"cohort's cases have {channels} channel(s): give one scheme per channel")
+    return list(normalisation)
+
+
 def needs_intensity_fingerprint(preprocess_config: PreprocessConfig | dict, modality: str) -> bool:
     scheme = PreprocessConfig.model_validate(preprocess_config).normalisation
-    return scheme == "ct" or (scheme == "auto" and modality == "CT")
+    schemes = scheme if isinstance(scheme, list) else [scheme]
+    return any(s == "ct" or (s == "auto" and modality == "CT") for s in schemes)
 
 
 def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
@@ -103,13 +134,13 @@ def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
 
 def plan_cohort(store: PreprocessedStore, cases: list[dict], cases_df: pd.DataFrame, modality: str,
                 preprocess_config: PreprocessConfig, get_client: Callable,
-                progress: bool = True) -> tuple[dict, int, list[dict]]:
+                progress: bool = True, channels: int = 1) -> tuple[dict, int, list[dict]]:
     """Fingerprint (voxels only where the plan needs intensities: CT) and plan.
 
     Returns (plan, cases fingerprinted in this call, failures as {"case_id", "error", "step": "fingerprint"});
     a failed case is left out of the plan. `get_client()` gives the Dask client, started only when needed."""
     if not needs_intensity_fingerprint(preprocess_config, modality):
-        return make_plan(header_fingerprints(cases_df), modality, preprocess_config), 0, []
+        return make_plan(header_fingerprints(cases_df), modality, preprocess_config, channels), 0, []
     todo = [c for c in cases if not store.fingerprint_file(c).exists()]
     failures, fingerprinted = [], 0
     if todo:
@@ -120,5 +151,5 @@ def plan_cohort(store: PreprocessedStore, cases: list[dict], cases_df: pd.DataFr
     failed_ids = {f["case_id"] for f in failures}
     fingerprints = [json.loads(store.fingerprint_file(c).read_text())
                     for c in cases if c["case_id"] not in failed_ids]
-    return (make_plan(fingerprints, modality, preprocess_config), fingerprinted,
+    return (make_plan(fingerprints, modality, preprocess_config, channels), fingerprinted,
             [dict(f, step="fingerprint") for f in failures])

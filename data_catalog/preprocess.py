@@ -18,6 +18,7 @@ import pandas as pd
 from unet3d.config import PreprocessConfig
 
 from .case_worker import case_records, preprocess_case
+from .channels import cohort_channels
 from .parallel import dask_client, map_cases, worker_memory
 from .plan import plan_cohort, plan_key, scaled_plan
 from .store import PreprocessedStore
@@ -66,7 +67,8 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
     cases = case_records(cases_df)
     store = PreprocessedStore(workspace, cohort)
     result = PreprocessResult(cohort, {}, len(cases))
-    key = plan_key(cfg, modality)
+    channels = cohort_channels(cases)
+    key = plan_key(cfg, modality, channels)
 
     with store.lock():
         result.removed_partial = store.remove_partial()
@@ -86,7 +88,7 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
         try:
             if plan is None:
                 plan, result.fingerprinted, failures = plan_cohort(store, cases, cases_df, modality, cfg,
-                                                                   get_client, progress)
+                                                                   get_client, progress, channels)
                 result.failed += failures
                 store.pin(key, plan)
                 log.info("planned %s: target spacing %s mm, normalisation %s", plan["plan_id"],

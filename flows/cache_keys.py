@@ -43,9 +43,10 @@ for _stage in ("infer", "evaluate", "report"):  # segment reads none of their re
 # functions of that stage (renaming a helper in flows/ must not retrain every model).
 STAGE_SOURCES = {
     "ingest": ["data_catalog/ingest.py", "data_catalog/discover.py", "data_catalog/validate.py",
-               "data_catalog/tables.py", "data_catalog/hashing.py", "unet3d/io.py"],
+               "data_catalog/channels.py", "data_catalog/tables.py", "data_catalog/hashing.py", "unet3d/io.py"],
     "preprocess": ["data_catalog/preprocess.py", "data_catalog/plan.py", "data_catalog/case_worker.py",
-                   "data_catalog/store.py", "unet3d/case_folder.py", "unet3d/resample.py", "unet3d/io.py"],
+                   "data_catalog/channels.py", "data_catalog/store.py", "unet3d/case_folder.py", "unet3d/resample.py",
+                   "unet3d/io.py"],
     "split": ["data_catalog/splits.py"],
     "train": ["unet3d/train.py", "unet3d/recipe.py", "unet3d/models.py", "unet3d/losses.py", "unet3d/augment.py",
               "unet3d/sampling.py", "unet3d/case_folder.py", "unet3d/labels.py", "unet3d/postprocess.py",

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="RUN_ID|FOLDER",
                    help="a run id (see `unet3d runs`) or a folder written by `unet3d export`")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help="image files, folders of image files, DICOM series folders")
+                   help="image files, folders of image files, DICOM series folders; for a multi-channel model a "
+                        "case is its files CASE_0000, CASE_0001 ... or its files in channel order")
     p.add_argument("-i", "--input", dest="more_inputs", action="append", default=[], metavar="INPUT",
                    help="an input as an option, as nnU-Net's -i (repeatable)")
     p.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="DIR", help="output folder")
@@ -440,7 +441,9 @@ def _output_name(path: Path, fmt: str | None) -> tuple[str, str, str | None]:
 def cmd_predict(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from data_catalog.channels import group_channel_inputs
     from unet3d.inference import PredictionJob, StageModel, infer_cases
+    from unet3d.resample import plan_channels
 
     inputs = [*args.inputs, *args.more_inputs]
     if not inputs:
@@ -453,7 +456,9 @@ def cmd_predict(args) -> int:
     # OUT/stageK/, so that a tool reading OUT finds only final predictions there.
     folders = {n: out if n == names[-1] else out / f"stage{k}" for k, n in enumerate(names, start=1)}
     jobs, notes, seen = [], [], {}
-    for path in _expand_inputs(inputs):
+    # A multi-channel model takes several files per case (CASE_0000, CASE_0001 ... or -i t1 -i t2 in order)
+    n_channels = max(plan_channels(s["plan"]) for s in stages)
+    for path, channels in group_channel_inputs(_expand_inputs(inputs), n_channels):
         name, suffix, note = _output_name(path, args.format)
         target = folders[names[-1]] / f"{name}{suffix}"
         if target in seen:
@@ -461,7 +466,8 @@ def cmd_predict(args) -> int:
         seen[target] = path
         if note:
             notes.append(f"  {name}: note: {note}")
-        jobs.append(PredictionJob(str(path), {n: folders[n] / f"{name}{suffix}" for n in names}, image=path))
+        jobs.append(PredictionJob(str(path), {n: folders[n] / f"{name}{suffix}" for n in names}, image=path,
+                                  channels=channels))
     models = [StageModel.load(s["model_dir"], device=args.device,
                               margin_mm=s["margin_mm"] if s.get("roi_from") else None) for s in stages]
     for folder in folders.values():

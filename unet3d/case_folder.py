@@ -1,6 +1,6 @@
 """A preprocessed case folder (`preprocessed/COHORT/PLAN_ID/CASE__KEY/` in a workspace), read in one place.
 
-    image.npy    float32 (1, X, Y, Z), channel first, memory-mappable
+    image.npy    float32 (C, X, Y, Z), channel first (C = 1, or a multi-channel case's channels), memory-mappable
     label.npy    uint8 (X, Y, Z), only when the case is labelled
     props.json   unet3d.resample.CaseProperties (everything needed to invert each step) plus the case id,
                  content hashes, plan id and the size of every file (a truncated file shows as incomplete)
@@ -25,7 +25,7 @@ def read_props(case_dir: str | Path) -> dict:
 
 
 def read_case_folder(case_dir: str | Path, mmap: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(image (1, X, Y, Z) float32, label (X, Y, Z) or None, props) of a case folder; `mmap`: the arrays are
+    """(image (C, X, Y, Z) float32, label (X, Y, Z) or None, props) of a case folder; `mmap`: the arrays are
     memory-mapped read-only instead of read into memory."""
     d = Path(case_dir)
     mode = "r" if mmap else None

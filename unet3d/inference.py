@@ -27,6 +27,8 @@ from .postprocess import apply_postprocessing
 from .resample import (
     CaseProperties,
     invert_probabilities,
+    plan_channel_normalisations,
+    plan_channels,
     plan_normalisation,
     preprocess_arrays,
     resample_to_shape,
@@ -81,7 +83,7 @@ class StageModel:
 
     def predict(self, image: np.ndarray, overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
                 batch_size: int = INFER_DEFAULTS.batch_size) -> np.ndarray:
-        """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (1, X, Y, Z)."""
+        """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (C, X, Y, Z)."""
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         probs = sliding_window_predict(self.network, tensor, self.patch_size, self.num_classes, overlap=overlap,
                                        batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else None,
@@ -89,11 +91,18 @@ class StageModel:
         return probs.numpy()
 
 
-def preprocess_for_plan(image: np.ndarray, geometry: Geometry, plan: dict) -> tuple[np.ndarray, CaseProperties]:
-    """A raw (x, y, z) image preprocessed exactly as the plan's training cases were."""
-    pre, _, props = preprocess_arrays(image, None, geometry, plan["target_spacing"], plan_normalisation(plan),
-                                      image_order=plan["image_order"], label_mode=plan["label_mode"])
-    return pre[None], props
+def preprocess_for_plan(image: np.ndarray | list[np.ndarray], geometry: Geometry,
+                        plan: dict) -> tuple[np.ndarray, CaseProperties]:
+    """A raw (x, y, z) image, or a multi-channel case's list of them (channel order), preprocessed exactly as the
+    plan's training cases were: (C, X, Y, Z)."""
+    channels = image if isinstance(image, list) else [image]
+    if len(channels) != plan_channels(plan):
+        raise ValueError(f"the model takes {plan_channels(plan)} input channel(s) per case, got {len(channels)}")
+    per_channel = plan_channel_normalisations(plan)
+    pre, _, props = preprocess_arrays(channels if per_channel else channels[0], None, geometry, plan["target_spacing"],
+                                      per_channel or plan_normalisation(plan), image_order=plan["image_order"],
+                                      label_mode=plan["label_mode"])
+    return (pre if per_channel else pre[None]), props
 
 
 def roi_from_mask(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[list[int]] | None:
@@ -128,7 +137,7 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
             overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
             batch_size: int = INFER_DEFAULTS.batch_size,
             stage1_probs: np.ndarray | None = None) -> tuple[CascadeOutput, np.ndarray]:
-    """Segment one case given, per stage, its preprocessed image (1, X, Y, Z) and properties.
+    """Segment one case given, per stage, its preprocessed image (C, X, Y, Z) and properties.
 
     `stage1_probs`: stage 1's probabilities from an earlier run (the stage-1 cache); they are returned as the
     second value so that the caller can cache them.
@@ -166,7 +175,7 @@ def cascade(inputs: Sequence[tuple[np.ndarray, CaseProperties]], stages: Sequenc
 # Many cases: the one inference loop of the pipeline's infer stage and of `unet3d predict`
 # ---------------------------------------------------------------------------------------------------------
 def load_preprocessed_case(case_dir: str | Path) -> tuple[np.ndarray, CaseProperties]:
-    """A preprocessed case folder's image (1, X, Y, Z) float32 and its properties (props.json)."""
+    """A preprocessed case folder's image (C, X, Y, Z) float32 and its properties (props.json)."""
     image, _label, props = read_case_folder(case_dir)
     return image, case_properties(props)
 
@@ -182,6 +191,7 @@ class PredictionJob:
     case_dirs: list[Path] | None = None
     image: str | Path | None = None
     stage1_cache: Path | None = None  # cascade: stage 1's probabilities, read if present, else written
+    channels: list[str] | None = None  # a multi-channel case's image files in channel order (`image` is the first)
 
 
 @dataclass
@@ -219,12 +229,38 @@ def _job_inputs(job: PredictionJob, plans: Sequence[dict]) -> tuple[list[tuple[n
     if job.case_dirs is not None:
         inputs = [load_preprocessed_case(d) for d in job.case_dirs]
         return inputs, Geometry.from_dict(inputs[0][1].original)
+    if job.channels:
+        arrays, geometry = read_channel_images(job.channels)
+        return [preprocess_for_plan(arrays, geometry, plan) for plan in plans], geometry
     image = read_image(job.image)
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3-D image, got {image.GetDimension()}-D")
     geometry = Geometry.of(image)
     array = to_numpy(image)
     return [preprocess_for_plan(array, geometry, plan) for plan in plans], geometry
+
+
+def read_channel_images(files: Sequence[str | Path]) -> tuple[list[np.ndarray], Geometry]:
+    """A multi-channel case's (x, y, z) arrays, one per file in channel order, and channel 0's geometry; a channel
+    that is not 3-D or not on channel 0's voxel grid is refused naming it (its voxels would not correspond)."""
+    arrays, geometry = [], None
+    for channel, file in enumerate(files):
+        image = read_image(file)
+        if image.GetDimension() != 3:
+            raise ValueError(f"channel {channel} ({Path(file).name}): expected a 3-D image, got "
+                             f"{image.GetDimension()}-D")
+        g = Geometry.of(image)
+        if geometry is None:
+            geometry = g
+        elif g.size != geometry.size or not np.allclose(g.spacing, geometry.spacing, rtol=1e-3) or \
+                not np.allclose(g.origin, geometry.origin, atol=0.1 * min(geometry.spacing)) or \
+                not np.allclose(g.direction, geometry.direction, atol=1e-3):
+            raise ValueError(f"channel {channel} ({Path(file).name}) is not on the voxel grid of channel 0 "
+                             f"({Path(files[0]).name}): size {g.size} vs {geometry.size}, spacing "
+                             f"{tuple(round(s, 4) for s in g.spacing)} vs "
+                             f"{tuple(round(s, 4) for s in geometry.spacing)}")
+        arrays.append(to_numpy(image))
+    return arrays, geometry
 
 
 def _predict_job(job: PredictionJob, models: Sequence[StageModel], plans: Sequence[dict], overlap: float, tta: bool,

@@ -337,6 +337,21 @@ def plan_normalisation(plan: dict) -> Normalisation:
     return Normalisation(n["scheme"], n.get("clip_low"), n.get("clip_high"), n.get("mean"), n.get("std"))
 
 
+def plan_channels(plan: dict) -> int:
+    """Input channels of the images a plan preprocesses (a multi-channel plan normalises each of its own)."""
+    return len(plan.get("channel_normalisations") or [None])
+
+
+def plan_channel_normalisations(plan: dict) -> list[Normalisation] | None:
+    """One Normalisation per channel of a multi-channel plan (`plan["channel_normalisations"]`, channel order);
+    None for a single-channel plan, whose one normalisation is `plan_normalisation`."""
+    per_channel = plan.get("channel_normalisations")
+    if not per_channel:
+        return None
+    return [Normalisation(n["scheme"], n.get("clip_low"), n.get("clip_high"), n.get("mean"), n.get("std"))
+            for n in per_channel]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole forward step and its inverse
 # ---------------------------------------------------------------------------------------------------------
@@ -353,7 +368,7 @@ class CaseProperties:
     resampled_shape: list[int]
     target_spacing: list[float]
     effective_spacing: list[float]  # the exact spacing of the preprocessed grid (target up to rounding)
-    normalisation: dict = field(default_factory=dict)
+    normalisation: dict | list = field(default_factory=dict)  # a list of per-channel dicts for a multi-channel case
     foreground_voxels: dict = field(default_factory=dict)  # class index -> voxel count after resampling
 
     def to_dict(self) -> dict:
@@ -373,7 +388,7 @@ def preprocess_arrays(
     label: np.ndarray | None,
     geometry: Geometry,
     target_spacing: Sequence[float],
-    normalisation: Normalisation,
+    normalisation: Normalisation | Sequence[Normalisation],
     image_order: int = 3,
     label_mode: str = "linear",
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
@@ -382,32 +397,49 @@ def preprocess_arrays(
 
 
 def preprocess_consuming(arrays: list, geometry: Geometry, target_spacing: Sequence[float],
-                         normalisation: Normalisation, image_order: int = 3,
+                         normalisation: Normalisation | Sequence[Normalisation], image_order: int = 3,
                          label_mode: str = "linear") -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """`preprocess_arrays` for a caller that hands over its arrays in a list ([image, label], emptied here):
-    the raw image is then freed after the first resampling pass instead of living until the end."""
+    the raw image is then freed after the first resampling pass instead of living until the end.
+
+    A multi-channel case: `normalisation` is a list, one per channel, and the image its channels' (x, y, z) arrays
+    (a list or a (C, x, y, z) array); every channel is cropped to the same box (nonzero in any channel) and
+    resampled alike, each normalised by its own scheme and statistics; the result is (C, X, Y, Z) and
+    props.normalisation a list of per-channel statistics."""
     image, label = arrays.pop(0), arrays.pop(0)
+    multi = isinstance(normalisation, (list, tuple))
+    channels = list(image) if multi else [image]
+    norms = list(normalisation) if multi else [normalisation]
+    if len(channels) != len(norms):
+        raise ValueError(f"the image has {len(channels)} channels and the plan normalises {len(norms)}")
+    del image
     perm, flips = canonical_axes(geometry.direction_matrix())
     canon = canonical_geometry(geometry, perm, flips)
-    image = to_canonical(image, perm, flips)
+    channels = [to_canonical(c, perm, flips) for c in channels]
     label = to_canonical(label, perm, flips) if label is not None else None
 
-    nonzero = image != 0
+    nonzero = channels[0] != 0
+    for other in channels[1:]:
+        nonzero |= other != 0
     if label is not None:
         nonzero |= label > 0
     bbox = nonzero_bbox(nonzero)
     del nonzero
-    image = crop(image, bbox)
     label = crop(label, bbox) if label is not None else None
 
-    out_shape = resampled_shape(image.shape, canon.spacing, target_spacing)
-    norm_stats = normalisation.fit(image)
-    # Normalisation is elementwise: the first resampling pass applies it chunk by chunk, so no normalised
-    # copy of the whole volume ever exists (one float32 volume less at the peak for a CT).
-    holder = [image]
-    del image
-    image = _resample_passes(holder, out_shape, interpolation_orders(canon.spacing, image_order),
-                             transform=lambda chunk: normalisation.transform(chunk, norm_stats))
+    out_shape = resampled_shape([b - a for a, b in bbox], canon.spacing, target_spacing)
+    outputs, stats = [], []
+    for norm in norms:
+        holder = [crop(channels.pop(0), bbox)]
+        norm_stats = norm.fit(holder[0])
+        # Normalisation is elementwise: the first resampling pass applies it chunk by chunk, so no normalised
+        # copy of the whole volume ever exists (one float32 volume less at the peak for a CT).
+        outputs.append(_resample_passes(holder, out_shape, interpolation_orders(canon.spacing, image_order),
+                                        transform=lambda chunk, n=norm, st=norm_stats: n.transform(chunk, st)))
+        stats.append(norm_stats)
+    image = np.stack(outputs) if multi else outputs[0]
+    norm_stats = stats if multi else stats[0]
+    del outputs
     if label is not None:
         label = resample_labels(label, out_shape, label_mode)
     cropped_shape = [b - a for a, b in bbox]

@@ -24,7 +24,8 @@ MAX_FOREGROUND_COORDS = 20_000  # per class and case: enough to sample centres f
 
 @dataclass
 class CaseData:
-    """One preprocessed case for a stage: image (1, X, Y, Z) float32, label (X, Y, Z) uint8 in stage classes."""
+    """One preprocessed case for a stage: image (C, X, Y, Z) float32 (C input channels), label (X, Y, Z) uint8 in
+    stage classes."""
 
     case_id: str
     image: np.ndarray
@@ -104,7 +105,7 @@ def plan_patch_size(shapes: Sequence[Sequence[int]], spacing: Sequence[float], m
 
 
 class PatchSampler:
-    """Random training batches (image (B, 1, *patch) float32, label (B, 1, *patch) uint8) on `device`.
+    """Random training batches (image (B, C, *patch) float32, label (B, 1, *patch) uint8) on `device`.
 
     A fraction `foreground_oversample` of the patches is centred on a foreground voxel of a random present
     class (rare classes would otherwise hardly be seen); the rest are placed uniformly. With `keep_on_device`
@@ -179,10 +180,10 @@ class PatchSampler:
             dst.append(slice(s0 - c, s0 - c + max(0, s1 - s0)))
         image, label = self._images[index], self._labels[index]
         if self.keep_on_device:
-            img = torch.zeros((1, *self.patch), dtype=torch.float32, device=self.device)
+            img = torch.zeros((image.shape[0], *self.patch), dtype=torch.float32, device=self.device)
             lab = torch.zeros(self.patch, dtype=torch.uint8, device=self.device)
         else:
-            img = np.zeros((1, *self.patch), dtype=np.float32)
+            img = np.zeros((image.shape[0], *self.patch), dtype=np.float32)  # (C, *patch)
             lab = np.zeros(self.patch, dtype=np.uint8)
         img[(slice(None), *dst)] = image[(slice(None), *src)]
         lab[tuple(dst)] = label[tuple(src)]

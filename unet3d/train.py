@@ -331,13 +331,15 @@ def network_topology(patch: Sequence[int], spacing: Sequence[float], n_stages: i
 
 
 def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacing: Sequence[float],
-                   n_val_cases: int, device: torch.device, out: Path, rank: int = 0, world: int = 1):
+                   n_val_cases: int, device: torch.device, out: Path, rank: int = 0, world: int = 1,
+                   in_channels: int = 1):
     """The planned recipe: recipe.json of an earlier run of the same spec if there is one (a resumed or
     extended run keeps its network), else planned now (with calibration) and written there. Under DDP rank 0
     plans and the other ranks read its recipe.json, so that every rank builds the same network."""
     if world > 1:
         if rank == 0:
-            recipe, reused = resolve_recipe(spec, cfg, patch, spacing, n_val_cases, device, out)
+            recipe, reused = resolve_recipe(spec, cfg, patch, spacing, n_val_cases, device, out,
+                                            in_channels=in_channels)
             dist.barrier()
             return recipe, reused
         dist.barrier()
@@ -350,7 +352,7 @@ def resolve_recipe(spec: "TrainSpec", cfg: TrainConfig, patch: list[int], spacin
                 return Recipe.from_dict(saved["recipe"]), True
         except (ValueError, KeyError, TypeError):
             log.warning("stage %s: %s is unreadable; planning the recipe again", spec.stage, path)
-    recipe = plan_recipe(cfg, patch=patch, spacing=spacing, num_classes=spec.num_classes, in_channels=1,
+    recipe = plan_recipe(cfg, patch=patch, spacing=spacing, num_classes=spec.num_classes, in_channels=in_channels,
                          n_val_cases=n_val_cases, device=device)
     write_json_atomic(path, {"planned_for": spec.recipe_identity(), "recipe": recipe.to_dict()}, indent=1)
     return recipe, False
@@ -436,10 +438,20 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
                  plan_patch_size([c.region_shape() for c in train_cases], spacing,
                                  cuda_patch_voxels(device, cfg.max_patch_voxels)))
     num_classes = spec.num_classes
+    # The input channels come from the data (image (C, X, Y, Z)): 1, or a multi-channel cohort's channels
+    in_channels = int(train_cases[0].image.shape[0])
+    for case in train_cases + val_cases:
+        if int(case.image.shape[0]) != in_channels:
+            raise ValueError(f"stage {spec.stage}: case {case.case_id} has {case.image.shape[0]} channel(s) and case "
+                             f"{train_cases[0].case_id} {in_channels}: every case needs the same channels")
+    if warm is not None and int(warm.model_config.get("in_channels", 1)) != in_channels:
+        raise ValueError(f"stage {spec.stage}: train.init_from {warm.source['init_from']!r} takes "
+                         f"{warm.model_config.get('in_channels', 1)} input channel(s), this stage's cases have "
+                         f"{in_channels}: a warm start needs the same channels")
     t_load = time.perf_counter() - t_start
 
     # --- the recipe: every key the config leaves open, planned (and timed) on this device ----------------
-    recipe, reused = resolve_recipe(spec, cfg, patch, spacing, len(val_cases), device, out, rank, world)
+    recipe, reused = resolve_recipe(spec, cfg, patch, spacing, len(val_cases), device, out, rank, world, in_channels)
     if warm is not None:
         recipe.reasons["features"] = recipe.reasons["stem_stride"] = (
             f"the warm-start source's ({warm.source['init_from']}, sha256 {warm.source['sha256'][:12]})")
@@ -471,7 +483,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     features = list(recipe.features)
     strides, kernels = network_topology(patch, spacing, len(features), recipe.stem_stride)
     model_config = {
-        "architecture": cfg.architecture, "in_channels": 1, "num_classes": num_classes,
+        "architecture": cfg.architecture, "in_channels": in_channels, "num_classes": num_classes,
         "features": features, "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
         "stem_stride": list(recipe.stem_stride), "norm": cfg.norm, "dropout": cfg.dropout,
         "deep_supervision": cfg.deep_supervision,
