@@ -438,6 +438,22 @@ def _strip_role(case_id: str, suffixes: tuple[str, ...]) -> str | None:
     return None
 
 
+def label_files_by_case_id(folder: str | Path) -> dict[str, Path]:
+    """{case id: label file} of a folder of label files named as a labels folder's are (CASE.nii.gz, CASE_seg.nrrd,
+    CASE_label.mha ...): the dense references of sparsely annotated cases (`cohort.dense_labels_dir`). Symlinks
+    leading outside the folder are left out, as ingestion refuses them."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise IngestError(f"dense labels folder {folder} does not exist")
+    found: dict[str, Path] = {}
+    for link, target in _image_files(root):
+        if target is None:
+            continue
+        stem = strip_image_suffix(link.name)
+        found.setdefault(_strip_role(stem, LABEL_NAME_SUFFIXES) or _case_id_from_file(link), target)
+    return found
+
+
 def _discover_folder(root: Path, labels_dir: Path | None) -> Source:
     if labels_dir is not None and not labels_dir.is_dir():
         raise IngestError(f"labels folder {labels_dir} does not exist")

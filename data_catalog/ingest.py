@@ -86,6 +86,7 @@ def ingest(
     declared_labels: dict[int, str] | None = None,
     workers: int = 1,
     progress: Callable[[Iterable], Iterable] | None = None,
+    ignore_label: int | None = None,
 ) -> IngestResult:
     """Add or refresh a cohort in the catalog. Only new or changed cases are read. `unlabelled`: a folder of scans
     without labels (data_catalog.discover.discover_unlabelled) that joins the cohort as unlabelled cases."""
@@ -93,6 +94,8 @@ def ingest(
     if unlabelled is not None:
         _add_unlabelled(src, discover_unlabelled(unlabelled))
     declared = declared_labels or src.declared_labels
+    if declared and ignore_label is not None:  # sparse labels: unannotated voxels carry the ignore value
+        declared = {**declared, int(ignore_label): "ignore"}
     catalog = Catalog(workspace)
     cohort_modality = normalise_modality(modality) or src.modality
 

@@ -116,9 +116,9 @@ class Workspace:
         return self.root / "reports"
 
     def report_table(self, which: str) -> Path:
-        """reports/{metrics,lesions,summary}: partitioned Parquet datasets (run_date=/run_id=)."""
-        if which not in ("metrics", "lesions", "summary"):
-            raise KeyError(f"unknown report table {which!r}; known: metrics, lesions, summary")
+        """reports/{metrics,lesions,summary,fill_in}: partitioned Parquet datasets (run_date=/run_id=)."""
+        if which not in ("metrics", "lesions", "summary", "fill_in"):
+            raise KeyError(f"unknown report table {which!r}; known: metrics, lesions, summary, fill_in")
         return self.reports_dir / which
 
     @property

@@ -56,7 +56,8 @@ STAGE_SOURCES = {
               "unet3d/sliding_window.py", "unet3d/resample.py", "unet3d/io.py", "flows.stages:run_infer", "flows.stages:_prediction_jobs",
               "flows.stages:_write_run_record"],
     "evaluate": ["unet3d/evaluation.py", "unet3d/metrics.py", "unet3d/labels.py", "unet3d/io.py",
-                 "unet3d/report_tables.py", "flows.stages:run_evaluate"],
+                 "unet3d/report_tables.py", "unet3d/sparse.py", "flows.stages:run_evaluate",
+                 "flows.stages:_evaluate_fill_in"],
     "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py",
                "unet3d/labels.py", "unet3d/io.py", "flows.stages:run_report", "flows.stages:_overlay_cases"],
 }
@@ -193,7 +194,13 @@ def key_ingest(workspace: str, cfg: PipelineConfig) -> str:
         return stage_key("ingest", key_ingest(workspace, labelled),
                          {"unlabelled": source_fingerprint(c.unlabelled_source)})
     return stage_key("ingest", c.name, source_fingerprint(c.source, c.labels_dir), c.modality,
-                     cfg.model_dump(mode="json")["labels"])
+                     cfg.model_dump(mode="json")["labels"], *_sparse_part(cfg))
+
+
+def _sparse_part(cfg: PipelineConfig) -> list:
+    """The ignore value in a key only when the config sets one, so that the keys of configs without sparse labels
+    are those they had before `ignore_label` existed."""
+    return [] if cfg.ignore_label is None else [{"ignore_label": cfg.ignore_label}]
 
 
 def key_preprocess(workspace: str, cfg: PipelineConfig) -> str:
@@ -244,7 +251,7 @@ def key_train(workspace: str, cfg: PipelineConfig, stage: StageConfig, preproces
     # Budgets (epochs, time) are part of the key: a longer budget is a different model. The trainer resumes
     # a shorter run's checkpoints when only the budget grew (see TrainSpec.identity).
     return stage_key("train", _stage_part(stage), config_part("train", train), plan_id_of(preprocess, stage), roi,
-                     training_members(workspace, cfg))
+                     training_members(workspace, cfg), *_sparse_part(cfg))
 
 
 def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> str:
@@ -252,7 +259,8 @@ def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, prep
     _roi, train = train_settings(cfg, stage)
     identity = {k: v for k, v in config_part("train", model_train_settings(train)).items() if k not in BUDGET_KEYS}
     stage_identity = {k: v for k, v in _stage_part(stage).items() if k not in BUDGET_KEYS}
-    return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg)], 12)
+    return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg),
+                        *_sparse_part(cfg)], 12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,7 +323,10 @@ def key_segment(workspace: str, cfg: PipelineConfig, models: list[dict], run_id:
 # evaluate, report
 # ---------------------------------------------------------------------------------------------------------
 def key_evaluate(cfg: PipelineConfig, infer: dict) -> str:
-    return stage_key("evaluate", infer["key"], _json(cfg.evaluate))
+    # dense references of sparse cases (the fill-in table) only when given: other configs keep their keys
+    dense = cfg.cohort.dense_labels_dir
+    dense_part = [] if dense is None else [{"dense_labels": source_fingerprint(dense)}]
+    return stage_key("evaluate", infer["key"], _json(cfg.evaluate), *_sparse_part(cfg), *dense_part)
 
 
 def key_report(cfg: PipelineConfig, evaluate: dict) -> str:

@@ -59,7 +59,7 @@ def run_ingest(workspace: str, cfg: PipelineConfig, key: str) -> dict:
     declared = {**cfg.labels, 0: "background"} if cfg.labels else None
     result = ingest(c.source, c.name, workspace, labels=c.labels_dir, unlabelled=c.unlabelled_source,
                     modality=c.modality,
-                    declared_labels=declared, workers=cfg.preprocess.workers)
+                    declared_labels=declared, workers=cfg.preprocess.workers, ignore_label=cfg.ignore_label)
     log.info(result.summary())
     issues = catalog.read("issues")
     errors = issues[(issues["cohort"] == c.name) & (issues["severity"] == "error")]
@@ -150,7 +150,8 @@ def _train_spec(workspace: str, cfg: PipelineConfig, stage: StageConfig, plan_id
     roi, train_cfg = train_settings(cfg, stage)
     return TrainSpec(out_dir=str(out), train_cases=members["train"], val_cases=members["val"],
                      classes=dict(stage.classes), label_map=stage.label_map(), train=train_cfg, stage=stage.name,
-                     roi=roi, overlap=cfg.infer.overlap, spacing=store.load_plan(plan_id)["target_spacing"])
+                     roi=roi, overlap=cfg.infer.overlap, spacing=store.load_plan(plan_id)["target_spacing"],
+                     ignore_label=cfg.ignore_label)
 
 
 def _log_training(stage: StageConfig, result) -> None:
@@ -422,7 +423,8 @@ def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, pro
     run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     references = Catalog(workspace).cases(cohort=cfg.cohort.name).set_index("case_id")["label_path"]
     # each stage's own architecture (stages[i].train.architecture may differ from train.architecture)
-    stages = [EvaluatedStage(s.name, dict(s.classes), s.label_map(), train_settings(cfg, s)[1]["architecture"])
+    stages = [EvaluatedStage(s.name, dict(s.classes), s.label_map(), train_settings(cfg, s)[1]["architecture"],
+                             ignore_value=cfg.ignore_label)
               for s in cfg.resolved_stages()]
     cases = [EvaluatedCase(cid, split, references[cid], {s.name: ws.prediction_path(run_id, s.name, cid) for s in stages})
              for cid, split in sorted(infer["splits"].items())]
@@ -439,9 +441,36 @@ def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, pro
     metrics_path = write_partition(pd.DataFrame(rows), ws.report_table("metrics"), run_date, run_id, METRICS_SCHEMA)
     lesions_path = write_partition(pd.DataFrame(lesion_rows), ws.report_table("lesions"), run_date, run_id, LESIONS_SCHEMA)
     log.info("evaluate %s: %d metric rows (%d cases) -> %s", run_id, len(rows), len(infer["splits"]), metrics_path)
-    return _finish(workspace, "evaluate", key, {"run_id": run_id, "run_date": run_date, "n_rows": len(rows),
-                                                "metrics_path": str(metrics_path), "lesions_path": str(lesions_path),
-                                                "outputs": [str(metrics_path), str(lesions_path)]})
+    result = {"run_id": run_id, "run_date": run_date, "n_rows": len(rows), "metrics_path": str(metrics_path),
+              "lesions_path": str(lesions_path), "outputs": [str(metrics_path), str(lesions_path)]}
+    if cfg.cohort.dense_labels_dir:
+        fill_in_path = _evaluate_fill_in(ws, cfg, run_id, run_date, cases, stages)
+        result.update(fill_in_path=str(fill_in_path), outputs=[*result["outputs"], str(fill_in_path)])
+    return _finish(workspace, "evaluate", key, result)
+
+
+def _evaluate_fill_in(ws: Workspace, cfg: PipelineConfig, run_id: str, run_date: str, cases: list, stages: list) -> Path:
+    """Sparse annotation: the fill_in table, Dice on the unannotated voxels of each predicted case that has a dense
+    reference in cohort.dense_labels_dir (matched by case id)."""
+    from data_catalog.discover import label_files_by_case_id
+    from unet3d.report_tables import FILL_IN_SCHEMA, write_partition
+    from unet3d.sparse import fill_in_case_rows
+
+    dense = label_files_by_case_id(cfg.cohort.dense_labels_dir)
+    rows = []
+    for case in cases:
+        if case.case_id in dense:
+            rows += fill_in_case_rows(case.case_id, case.split, case.reference, dense[case.case_id], case.predictions,
+                                      stages, cfg.cohort.name, cfg.train.architecture, cfg.ignore_label)
+    if not rows:
+        log.warning("evaluate %s: no predicted case has a dense reference in %s (cohort.dense_labels_dir): the "
+                    "fill_in table is empty; infer.splits must name the split of the sparse cases (e.g. train)",
+                    run_id, cfg.cohort.dense_labels_dir)
+    path = write_partition(pd.DataFrame(rows, columns=FILL_IN_SCHEMA.names), ws.report_table("fill_in"), run_date,
+                           run_id, FILL_IN_SCHEMA)
+    log.info("evaluate %s: fill-in Dice of %d cases with dense references -> %s", run_id,
+             len({r["case_id"] for r in rows}), path)
+    return path
 
 
 def _overlay_cases(ws: Workspace, cfg: PipelineConfig, run_id: str, metrics: pd.DataFrame) -> list[dict]:
@@ -474,8 +503,9 @@ def run_report(workspace: str, cfg: PipelineConfig, key: str, evaluate: dict) ->
     # lesion precision/recall/F1 as rows of the same summary (metric lesion_*): the SPEC's schema is kept
     summary = summarize(metrics, n_boot=cfg.evaluate.n_boot, seed=0, lesions=lesions)
     summary_path = write_partition(summary, ws.report_table("summary"), run_date, run_id, SUMMARY_SCHEMA)
+    fill_in = pd.read_parquet(evaluate["fill_in_path"]) if evaluate.get("fill_in_path") else None
     md = write_markdown_report(ws.run_report_dir(run_id), run_id, summary, metrics, _overlay_cases(ws, cfg, run_id, metrics),
-                               lesions=lesions, title=f"{cfg.cohort.name}: run {run_id}")
+                               lesions=lesions, title=f"{cfg.cohort.name}: run {run_id}", fill_in=fill_in)
     table = format_summary(summary)
     log.info("report %s:\n%s", run_id, table)
     return _finish(workspace, "report", key, {"run_id": run_id, "run_date": run_date, "summary_path": str(summary_path),

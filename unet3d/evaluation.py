@@ -25,6 +25,9 @@ class EvaluatedStage:
     label_map: dict[int, int]  # source label value -> stage class index
     # the stage's own architecture (cascade stages may differ); None: the `model` argument of evaluate_case(s)
     model: str | None = None
+    # the reference's value of unannotated voxels (the config's ignore_label; None: IGNORE_LABEL): a sparse
+    # reference is scored on its annotated voxels only
+    ignore_value: int | None = None
 
 
 @dataclass
@@ -71,7 +74,7 @@ def evaluate_case(case: EvaluatedCase, stages: Sequence[EvaluatedStage], cohort:
             continue
         if reference is None:  # read once per case, only when something is to be compared with it
             reference, spacing = read_reference(case.reference)
-        ref = map_labels(reference, stage.label_map)
+        ref = map_labels(reference, stage.label_map, stage.ignore_value)
         pred = to_numpy(read_image(pred_path))
         base = {"cohort": cohort, "stage": stage.name, "model": stage.model or model, "case_id": case.case_id,
                 "split": case.split}

@@ -25,11 +25,13 @@ def label_map_from_merge(classes: Mapping[int, object] | Sequence[int],
     return {int(src): int(dst) for dst, srcs in merge.items() for src in srcs}
 
 
-def map_labels(label: np.ndarray, label_map: Mapping[int, int]) -> np.ndarray:
-    """Source label values -> stage classes through a lookup table; unmapped values become background, the
-    ignore value stays ignore."""
-    lut = np.zeros(max(256, int(label.max(initial=0)) + 1), dtype=np.uint8)
+def map_labels(label: np.ndarray, label_map: Mapping[int, int], ignore_value: int | None = None) -> np.ndarray:
+    """Source label values -> stage classes through a lookup table; unmapped values become background, and the
+    source's ignore value (the config's `ignore_label`; None: IGNORE_LABEL) becomes IGNORE_LABEL, the one ignore
+    code of stage labels that the loss, the patch sampler and the metrics leave out."""
+    ignore_value = IGNORE_LABEL if ignore_value is None else int(ignore_value)
+    lut = np.zeros(max(256, int(label.max(initial=0)) + 1, ignore_value + 1), dtype=np.uint8)
     for src, dst in label_map.items():
         lut[int(src)] = int(dst)
-    lut[IGNORE_LABEL] = IGNORE_LABEL
+    lut[ignore_value] = IGNORE_LABEL
     return lut[label]

@@ -1,7 +1,8 @@
 """Segmentation losses: soft Dice + cross-entropy with an ignore label, and a deep-supervision wrapper.
 
 Logits are (B, K, X, Y, Z); targets are integer class maps (B, X, Y, Z) or (B, 1, X, Y, Z) in which voxels equal to
-`ignore_index` (255 by project convention: unlabelled, sparse annotation) contribute nothing to either term.
+`ignore_index` (unet3d.labels.IGNORE_LABEL, the one ignore code of stage labels, into which map_labels turns the
+config's `ignore_label`: unlabelled, sparse annotation) contribute nothing to either term.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .labels import IGNORE_LABEL
 
 __all__ = ["DeepSupervisionLoss", "DiceCELoss", "downsample_target"]
 
@@ -42,7 +45,7 @@ class DiceCELoss(nn.Module):
 
     def __init__(
         self,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_LABEL,
         class_weights: Sequence[float] | None = None,
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,

@@ -234,6 +234,18 @@ def _lesion_rows(lesions: pd.DataFrame, summary: pd.DataFrame | None = None) -> 
     return headers, rows
 
 
+def _fill_in_rows(fill_in: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The report's fill-in table: per stage, split and class, the mean Dice [min, max] over cases."""
+    headers = ["stage", "split", "class", "cases", "fill-in dice", "unannotated voxels"]
+    rows = []
+    for (stage, split, name), group in fill_in.groupby(["stage", "split", "class_name"], sort=True, observed=True):
+        dice = pd.to_numeric(group["dice"], errors="coerce").dropna()
+        cell = f"{dice.mean():.3f} [{dice.min():.3f}, {dice.max():.3f}]" if len(dice) else "n/a"
+        rows.append([str(stage), str(split), str(name), str(group["case_id"].nunique()), cell,
+                     f"{int(group.drop_duplicates('case_id')['n_unannotated'].sum()):,}"])
+    return headers, rows
+
+
 def _only_run(frame: pd.DataFrame | None, run_id: str) -> pd.DataFrame | None:
     if frame is None or "run_id" not in frame.columns:
         return frame
@@ -248,6 +260,7 @@ def write_markdown_report(
     overlay_cases: Sequence[dict],
     lesions: pd.DataFrame | None = None,
     title: str | None = None,
+    fill_in: pd.DataFrame | None = None,
 ) -> Path:
     """Write out_dir/report.md for one run, and one overlay PNG per example case beside it.
 
@@ -257,13 +270,15 @@ def write_markdown_report(
     reference_path (None if unlabelled), prediction_path, classes {class_index: name} and label_map {source
     label: stage class}, applied to the reference before drawing (unmapped values -> 0). lesions: optional per
     case x class lesion table (LESIONS_SCHEMA columns); only its lesion-like classes (lesion_like_classes) get
-    the lesion table. Returns the report's path.
+    the lesion table. fill_in: optional sparse-annotation table (FILL_IN_SCHEMA columns): Dice on the voxels
+    the sparse labels leave unannotated, against dense references. Returns the report's path.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = _only_run(summary, run_id)
     metrics = _only_run(metrics, run_id)
     lesions = _only_run(lesions, run_id)
+    fill_in = _only_run(fill_in, run_id)
 
     lines = [f"# {title or f'Segmentation report: run {run_id}'}", "", f"- Run: `{run_id}`"]
     if "cohort" in metrics.columns and metrics["cohort"].notna().any():
@@ -296,6 +311,13 @@ def write_markdown_report(
             lines += _markdown_table(headers, rows)
             if left_out:
                 lines += ["", "Single-structure classes left out: " + ", ".join(left_out) + "."]
+
+    if fill_in is not None and len(fill_in):
+        lines += ["", "## Filled-in voxels (sparse annotation)", "",
+                  "Dice on the voxels the sparse labels leave unannotated (set to the ignore value), against the "
+                  "dense references of cohort.dense_labels_dir: how well the network filled in the unannotated "
+                  "slices. Mean over cases [min, max]; unannotated voxels: summed over the cases.", ""]
+        lines += _markdown_table(*_fill_in_rows(fill_in))
 
     if overlay_cases:
         lines += ["", "## Example cases", "",

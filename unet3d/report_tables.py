@@ -112,6 +112,18 @@ VOLUMES_SCHEMA: pa.Schema = pa.schema(
     ]
 )
 
+#: Sparse annotation: one row per stage x case x class of a case with a dense reference (cohort.dense_labels_dir):
+#: Dice of the prediction on the voxels its sparse label leaves unannotated (the filled-in part, unet3d.sparse).
+FILL_IN_SCHEMA: pa.Schema = pa.schema(
+    [
+        *_CASE_FIELDS,
+        ("n_unannotated", pa.int64()),  # voxels of the case without annotation
+        ("ref_voxels", pa.int64()),  # the class's voxels among them, in the dense reference
+        ("pred_voxels", pa.int64()),  # ... and in the prediction
+        ("dice", pa.float64()),
+    ]
+)
+
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 

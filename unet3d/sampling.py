@@ -61,8 +61,11 @@ def roi_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> lis
 
 
 def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict | None = None,
-              in_memory: bool = True, seed: int = 0) -> CaseData:
+              in_memory: bool = True, seed: int = 0, ignore_value: int | None = None) -> CaseData:
     """A store case folder -> CaseData for one stage.
+
+    ignore_value: the source label value of unannotated voxels (the config's `ignore_label`; None: IGNORE_LABEL);
+    it becomes IGNORE_LABEL in the stage label, so such voxels are never a foreground sampling centre nor learned.
 
     roi: {"label_values": [source labels whose union is the ROI], "margin_mm": float} for a cascade's
     second stage (the reference ROI; the sampler jitters it).
@@ -72,7 +75,7 @@ def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict 
     if raw is not None and not in_memory:
         raw = np.array(raw)  # the label is read whole even then: its foreground coordinates are listed below
     spacing = tuple(float(s) for s in meta["effective_spacing"])
-    label = map_labels(raw, label_map) if raw is not None and label_map is not None else raw
+    label = map_labels(raw, label_map, ignore_value) if raw is not None and label_map is not None else raw
     box = None
     if roi is not None and raw is not None:
         box = roi_box(np.isin(raw, list(roi["label_values"])), spacing, roi["margin_mm"])
