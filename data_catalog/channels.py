@@ -38,13 +38,15 @@ def channel_groups(paths: Iterable[Path]) -> dict[str, dict[int, Path]]:
 
 
 def cohort_channel_count(groups: dict[str, dict[int, Path]], declared: int | None = None) -> int:
-    """How many channels the cohort's cases have: 1 unless some file is channel 1 or higher, then the declared
-    count (dataset.json) or the highest channel found + 1. A declared count without such files (MSD's 4-D
-    images) stays 1: such a file is reported not_3d as before."""
-    found = max((max(g) + 1 for g in groups.values()), default=1)
-    if found <= 1:
+    """How many channels the cohort's cases have: the declared count (dataset.json) or the highest channel found
+    + 1, when files of two cases or more are channel 1 or higher (or of one case, with several channels declared).
+    Otherwise 1: a declared count without such files (MSD's 4-D images) stays 1, such a file is reported not_3d as
+    before; and one series of numbered files (scan_0000, scan_0001, ... of a single-channel folder) is not taken
+    for the channels of one case."""
+    with_channels = [g for g in groups.values() if max(g) >= 1]
+    if not with_channels or (len(with_channels) == 1 and (declared or 1) <= 1):
         return 1
-    return max(found, declared or 0)
+    return max(max(max(g) + 1 for g in with_channels), declared or 0)
 
 
 def channel_file_name(case_id: str, channel: int, ending: str = ".nii.gz") -> str:

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from pipeline_helpers import write_config
 
+from data_catalog.channels import channel_groups, cohort_channel_count
 from data_catalog.demo import generate_demo_cohort
 from data_catalog.hashing import sha256_file, stable_hash
 from data_catalog.ingest import ingest
@@ -134,6 +135,9 @@ def test_single_channel_cohorts_keep_their_catalog_rows_hashes_and_plans(tmp_pat
     assert plan["plan_id"] == stable_hash(identity, 12) == "a4fcb99b6197"
     assert plan_key({}, "CT") == plan_key({}, "CT", channels=1) == "b92e6d7e4200"
     assert plan_key({}, "CT", channels=2) != plan_key({}, "CT")
+    # one series of numbered files is not one case's channels; two cases' channel files are
+    assert cohort_channel_count(channel_groups(Path(f"scan_{i:04d}.nii.gz") for i in range(3))) == 1
+    assert cohort_channel_count(channel_groups(Path(f"{c}_{i:04d}.nii.gz") for c in "ab" for i in range(3))) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
