@@ -118,16 +118,22 @@ def record_channels(case: dict) -> int:
     return 1 if case.get("source_kind") == "dicom" or files is None or not len(files) else len(files)
 
 
-def cohort_channels(cases: list[dict]) -> int:
-    """The one channel count of the cases to preprocess together; cases that differ are refused naming one."""
-    counts: dict[int, str] = {}
+def cohort_channels(cases: list[dict]) -> tuple[int, list[dict]]:
+    """(the channel count of most cases, a preprocessing failure for each case with another count): cases are
+    preprocessed together with one plan, so a case whose channels differ (an unlabelled scan with a channel file
+    more or less than the cohort's) is quarantined naming its count, and the others go on."""
+    counts: dict[int, int] = {}
     for case in cases:
-        counts.setdefault(record_channels(case), case["case_id"])
-    if len(counts) > 1:
-        (n1, c1), (n2, c2) = sorted(counts.items())[:2]
-        raise ValueError(f"case {c1} has {n1} channel(s) and case {c2} has {n2}: a cohort's cases must all have the "
-                         f"same channels (files CASE_0000, CASE_0001, ...)")
-    return next(iter(counts), 1)
+        n = record_channels(case)
+        counts[n] = counts.get(n, 0) + 1
+    if not counts:
+        return 1, []
+    channels = max(sorted(counts), key=lambda n: counts[n])
+    odd = [{"case_id": c["case_id"], "step": "channels",
+            "error": f"case {c['case_id']} has {record_channels(c)} channel(s) (image files), the cohort's cases have "
+                     f"{channels}: every case needs the same channels (files CASE_0000, CASE_0001, ...)"}
+           for c in cases if record_channels(c) != channels]
+    return channels, odd
 
 
 def group_channel_inputs(paths: list[Path], n_channels: int) -> list[tuple[Path, list[str] | None]]:

@@ -67,7 +67,11 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
     cases = case_records(cases_df)
     store = PreprocessedStore(workspace, cohort)
     result = PreprocessResult(cohort, {}, len(cases))
-    channels = cohort_channels(cases)
+    channels, odd = cohort_channels(cases)
+    if odd:  # a case with other channels than the cohort's is quarantined; the others go on
+        odd_ids = {f["case_id"] for f in odd}
+        cases = [c for c in cases if c["case_id"] not in odd_ids]
+        result.failed += odd
     key = plan_key(cfg, modality, channels)
 
     with store.lock():

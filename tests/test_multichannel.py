@@ -260,3 +260,15 @@ def test_predict_takes_two_files_per_case(two_channel_run, two_channel_cohort, t
     done = unet3d("--workspace", str(ws), "predict", "--model", run_id, "-i", str(tmp_path / "t1.nii.gz"), "-o",
                   str(tmp_path / "o3"), timeout=600)
     assert done.returncode == 1 and "2 channels per case" in done.stderr and "t1.nii.gz" in done.stderr, done.stderr
+
+
+def test_a_case_with_other_channels_than_the_cohorts_is_quarantined_and_the_others_go_on():
+    from data_catalog.channels import cohort_channels
+
+    cases = [{"case_id": f"c{i}", "image_files": ["a_0000.nii.gz", "a_0001.nii.gz"], "source_kind": "msd"}
+             for i in range(3)] + [{"case_id": "odd", "image_files": ["odd.nii.gz"], "source_kind": "folder"}]
+    channels, odd = cohort_channels(cases)
+    assert channels == 2
+    (failure,) = odd
+    assert failure["case_id"] == "odd" and "odd has 1 channel(s)" in failure["error"] and "have 2" in failure["error"]
+    assert cohort_channels([{"case_id": "d", "image_files": ["1.dcm", "2.dcm"], "source_kind": "dicom"}]) == (1, [])
