@@ -111,8 +111,9 @@ def ingest(
             issues_of.setdefault(r["case_id"], []).append(r)
         now = utc_now()
 
-        # a case whose reading killed its process last time is read again (the machine may have had less memory)
-        retry = set(prev_issues.loc[prev_issues["code"] == "worker_died", "case_id"])
+        # a case whose reading killed its process last time is read again (the machine may have had less memory),
+        # and one quarantined for undeclared label values (the declared labels or the ignore value may have changed)
+        retry = set(prev_issues.loc[prev_issues["code"].isin(["worker_died", "label_undeclared"]), "case_id"])
         todo, reused = [], []
         for case in src.cases:
             unchanged = case.case_id not in retry and _unchanged(case, previous.get(case.case_id))

@@ -191,9 +191,10 @@ def test_sparse_labels_are_refused_unless_the_ignore_value_is_configured(tiny_co
     from data_catalog.ingest import ingest
 
     source, _dense = _sparse_cohort(tiny_cohort, tmp_path)
-    refused = ingest(source, "sparse", tmp_path / "ws1")
+    refused = ingest(source, "sparse", tmp_path / "ws")
     assert refused.n_ok == 0  # dataset.json declares 0-2: the value 100 is undeclared
-    accepted = ingest(source, "sparse", tmp_path / "ws2", ignore_label=IGNORE)
+    # the same workspace, the ignore value now configured: the unchanged files are validated again, not reused
+    accepted = ingest(source, "sparse", tmp_path / "ws", ignore_label=IGNORE)
     assert accepted.n_ok == accepted.n_cases == 12
 
 
