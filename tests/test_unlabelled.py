@@ -4,7 +4,10 @@ again), and measured in the volumes table (unet3d.volumes) with its QC flags."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,30 @@ def test_config_unlabelled_source_is_resolved_and_checked(tmp_path):
     path.write_text("cohort: {name: t, unlabelled_source: scans}\nlabels: {1: organ}\n")
     with pytest.raises(ConfigError, match="cohort.unlabelled_source: needs cohort.source"):
         check_sources(load_config(path))
+
+
+def test_unet3d_ingest_takes_an_unlabelled_folder(tmp_path, scans):
+    from data_catalog.tables import Catalog
+
+    source = _cohort(tmp_path / "cohort")
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    shutil.copy(scans[0], folder / "night_001.nii.gz")
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "--workspace", str(tmp_path / "ws"), "ingest", str(source),
+                           "--cohort", "t", "--unlabelled", str(folder)], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "11 cases (11 ok, 0 quarantined)" in done.stdout and "1 unlabelled scans in" in done.stdout
+    cases = Catalog(tmp_path / "ws").cases(cohort="t").set_index("case_id")
+    assert cases["unlabelled"].eq(True).sum() == 1 and cases.loc["night_001", "unlabelled"]
+
+
+def test_refreshing_segment_or_a_stage_it_does_not_read_recomputes_it_alone():
+    from flows.pipeline import expand_refresh
+
+    assert expand_refresh(["segment"]) == ["segment"]
+    assert "segment" not in expand_refresh(["infer"]) and "segment" not in expand_refresh(["report"])
+    assert expand_refresh(["train"]) == ["train", "infer", "evaluate", "report", "segment"]
 
 
 # ---------------------------------------------------------------------------------------------------------
