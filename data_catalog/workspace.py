@@ -9,6 +9,8 @@
       cache/stage1/IDENT/CASE__KEY.npy           stage-1 probabilities of a cascade
       reports/metrics|lesions|summary/run_date=.../run_id=.../part-0.parquet
       reports/runs/RUN_ID/report.md
+      reports/decisions/run_date=.../run_id=.../part-0.parquet   champion / challenger decisions
+      champions/COHORT/STAGE1__STAGE2.json      the serving model of a cohort's stage chain, with its history
       runs/RUN_ID.json
       .prefect/results/, .stages/STAGE/KEY.json  cached stage results and completion markers
       demo/                                      `unet3d demo`'s cohort and config
@@ -131,6 +133,22 @@ class Workspace:
 
     def run_report_md(self, run_id: str) -> Path:
         return self.run_report_dir(run_id) / "report.md"
+
+    # -- the serving model ---------------------------------------------------------------------------------
+    @property
+    def decisions_table(self) -> Path:
+        """reports/decisions: champion / challenger decisions (run_date=/run_id= partitions, DECISIONS_SCHEMA)."""
+        return self.reports_dir / "decisions"
+
+    def champion_file(self, cohort: str, chain: list[str] | tuple[str, ...]) -> Path:
+        """champions/COHORT/STAGE1__STAGE2.json: the champion registry of a cohort's stage chain (unet3d.champion)."""
+        names = "__".join(safe_name(s, "stage name") for s in chain)
+        return self.root / "champions" / safe_name(cohort, "cohort name") / f"{names}.json"
+
+    def champion_files(self) -> list[Path]:
+        """Every champion registry of the workspace."""
+        root = self.root / "champions"
+        return sorted(root.glob("*/*.json")) if root.exists() else []
 
     # -- run records ---------------------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 from data_catalog.hashing import sha256_file, stable_hash
 from data_catalog.splits import split_table
 from data_catalog.tables import Catalog
-from unet3d.config import PipelineConfig, StageConfig, model_train_settings
+from unet3d.config import ConfigError, PipelineConfig, StageConfig, model_train_settings
 from unet3d.recipe import stage_time_budgets
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +60,8 @@ STAGE_SOURCES = {
                  "unet3d/report_tables.py", "unet3d/sparse.py", "flows.stages:run_evaluate",
                  "flows.stages:_evaluate_fill_in"],
     "report": ["unet3d/report.py", "unet3d/report_tables.py", "unet3d/overlays.py", "unet3d/metrics.py",
-               "unet3d/labels.py", "unet3d/io.py", "flows.stages:run_report", "flows.stages:_overlay_cases"],
+               "unet3d/labels.py", "unet3d/io.py", "flows.stages:run_report", "flows.stages:_overlay_cases",
+               "unet3d/history.py", "flows.champion:report_sections", "flows.champion:append_report_sections"],
 }
 
 # The segment stage: its wiring and its table. What makes a segmentation (the inference code) is in the model
@@ -251,16 +253,64 @@ def key_train(workspace: str, cfg: PipelineConfig, stage: StageConfig, preproces
     # Budgets (epochs, time) are part of the key: a longer budget is a different model. The trainer resumes
     # a shorter run's checkpoints when only the budget grew (see TrainSpec.identity).
     return stage_key("train", _stage_part(stage), config_part("train", train), plan_id_of(preprocess, stage), roi,
-                     training_members(workspace, cfg), *_sparse_part(cfg))
+                     training_members(workspace, cfg), *_sparse_part(cfg),
+                     *_warm_start_part(warm_start_source(workspace, cfg, stage, preprocess)))
 
 
-def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> str:
-    """The name tail of a stage's checkpoint folder: its data + stage + model config, not the budget."""
+def model_identity(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict,
+                   source: dict | None | bool = True) -> str:
+    """The name tail of a stage's checkpoint folder: its data + stage + model config and its warm-start source
+    (`source`: True = resolved here, else the given source), not the budget."""
+    if source is True:
+        source = warm_start_source(workspace, cfg, stage, preprocess)
     _roi, train = train_settings(cfg, stage)
     identity = {k: v for k, v in config_part("train", model_train_settings(train)).items() if k not in BUDGET_KEYS}
     stage_identity = {k: v for k, v in _stage_part(stage).items() if k not in BUDGET_KEYS}
     return stable_hash([stage_identity, identity, plan_id_of(preprocess, stage), training_members(workspace, cfg),
-                        *_sparse_part(cfg)], 12)
+                        *_sparse_part(cfg), *_warm_start_part(source)], 12)
+
+
+def _warm_start_part(source: dict | None) -> list:
+    """A warm start's source by content (what the config says and the weights' sha256), only when there is one:
+    the keys of cold starts are those they had before warm starts existed."""
+    return [] if source is None else [{"init_from": source["init_from"], "sha256": source["sha256"]}]
+
+
+def warm_start_source(workspace: str, cfg: PipelineConfig, stage: StageConfig, preprocess: dict) -> dict | None:
+    """The weights `train.init_from` names for this stage, as unet3d.train.TrainSpec.init_from (None: a cold start).
+
+    A path: its model folder's best checkpoint, or the checkpoint file itself. `champion`: the cohort's serving
+    model's stage of the same name (unet3d.champion; none yet: a cold start). When the champion itself was trained
+    from exactly this data and config, its own source is returned: the stage then is the champion (same key), so a
+    night with nothing new retrains nothing, however often the champion is the source."""
+    given = train_settings(cfg, stage)[1].get("init_from")
+    if given is None:
+        return None
+    from unet3d.train import ModelFiles  # torch, only for warm starts (cache keys otherwise need no torch)
+
+    if given != "champion":
+        path = Path(given).expanduser()
+        checkpoint = path if path.is_file() else ModelFiles(path).best_checkpoint
+        if not checkpoint.is_file():
+            raise ConfigError(f"stages.{stage.name}: train.init_from {given!r}: no checkpoint there (give a model "
+                              f"folder with checkpoint_best.pt, a checkpoint file, or 'champion')")
+        return {"init_from": given, "checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
+                "run_id": None}
+    from data_catalog.workspace import Workspace
+    from unet3d.champion import current_champion, read_registry
+
+    ws = Workspace(workspace)
+    champion = current_champion(read_registry(ws.champion_file(cfg.cohort.name, [s.name for s in cfg.resolved_stages()])))
+    served = next((s for s in (champion or {}).get("stages", []) if s["name"] == stage.name), None)
+    if served is None:
+        return None  # a cohort's first model starts from scratch
+    folder = ws.resolve(served["model_dir"], f"champion {champion['run_id']}: stage {stage.name} model_dir")
+    own = json.loads(ModelFiles(folder).model_json.read_text()).get("init_from")
+    if folder.name == f"{stage.name}-{model_identity(workspace, cfg, stage, preprocess, own)}":
+        return own
+    checkpoint = ModelFiles(folder).best_checkpoint
+    return {"init_from": "champion", "checkpoint": str(checkpoint), "sha256": served.get("checkpoint_sha256")
+            or sha256_file(checkpoint), "run_id": champion["run_id"]}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "cascade")
     _workspace_arg(p)
     p.add_argument("--model", required=True, metavar="RUN_ID|FOLDER",
-                   help="a run id (see `unet3d runs`) or a folder written by `unet3d export`")
+                   help="a run id (see `unet3d runs`), `champion` (the serving model; `champion:COHORT` when the "
+                        "workspace has several) or a folder written by `unet3d export`")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders of image files, DICOM series folders; for a multi-channel model a "
                         "case is its files CASE_0000, CASE_0001 ... or its files in channel order")
@@ -112,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print the summary table of a run (default: the latest)")
     _workspace_arg(p)
     p.add_argument("--run", default=None, metavar="RUN_ID")
+    p.add_argument("--history", action="store_true",
+                   help="each class's test Dice (final stage) across the cohort's runs, oldest first")
+    p.add_argument("--cohort", default=None, help="with --history: the cohort (needed when there are several)")
+
+    p = sub.add_parser("promote", help="make a run's models the cohort's champion (the serving model), by hand")
+    _workspace_arg(p)
+    p.add_argument("run_id", metavar="RUN_ID", help="run id (see `unet3d runs`)")
+    p.add_argument("--reason", default=None, help="why (kept in the champion's history)")
+
+    p = sub.add_parser("rollback", help="return to the model that served before the current champion")
+    _workspace_arg(p)
+    p.add_argument("--cohort", default=None, help="the cohort (needed when the workspace has several champions)")
+    p.add_argument("--reason", default=None, help="why (kept in the champion's history)")
 
     p = sub.add_parser("runs", help="list the runs of the workspace (run id, date, cohort, stages, test Dice)")
     _workspace_arg(p)
@@ -388,6 +402,9 @@ def _model_record(args) -> dict:
 
     from flows.stages import read_run_record
 
+    if args.model == "champion" or args.model.startswith("champion:"):  # the serving model (flows/champion.py)
+        from flows.champion import champion_run_id
+        args.model = champion_run_id(_workspace(args), args.model.partition(":")[2] or None)
     folder = Path(args.model)
     if (folder / EXPORT_RECORD).is_file():
         record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
@@ -550,6 +567,8 @@ def cmd_report(args) -> int:
     from unet3d.report_tables import latest_run_id, read_table
 
     ws = Workspace(_workspace(args))
+    if args.history:
+        return _print_history(args)
     root = ws.report_table("summary")
     run_id = args.run or latest_run_id(root)
     if run_id is None:
@@ -562,6 +581,34 @@ def cmd_report(args) -> int:
     md = ws.run_report_md(run_id)
     if md.exists():
         print(f"report: {md}")
+    return 0
+
+
+def _print_history(args) -> int:
+    from flows.champion import history
+    from unet3d.history import format_history
+
+    print(format_history(history(_workspace(args), args.cohort)))
+    return 0
+
+
+def _print_registry(registry: dict) -> None:
+    last = registry["history"][-1]
+    print(f"champion of cohort {registry['cohort']} ({' -> '.join(registry['chain'])}): run {last['run_id']} "
+          f"({last['action']} at {last['at']}; before: {last['previous_run_id'] or 'none'})")
+
+
+def cmd_promote(args) -> int:
+    from flows.champion import promote_by_hand
+
+    _print_registry(promote_by_hand(_workspace(args), args.run_id, args.reason))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from flows.champion import rollback_by_hand
+
+    _print_registry(rollback_by_hand(_workspace(args), args.cohort, args.reason))
     return 0
 
 
@@ -623,6 +670,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
             "runs": cmd_runs, "export": cmd_export, "serve": cmd_serve, **{name: _stage_command(name) for name in STAGE_COMMANDS}}
+COMMANDS.update(promote=cmd_promote, rollback=cmd_rollback)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
             results["infer"] = infer_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
         if last >= 5:
             results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
+            results["champion"] = champion_flow(ws, cfg, results["infer"], results["evaluate"])
         if last >= 6:
             results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
         if until in ("report", "segment"):  # after train, last: it feeds no stage
@@ -326,7 +327,40 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     _log_outcome(results)
     if "report" in results:
         _publish_artifacts(results["report"])
-    return results
+    return _final_state(results)
+
+
+@flow(name="champion")
+def champion_flow(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict) -> dict:
+    """The run's models against the cohort's champion (flows/champion.py); not a cached stage: a decision made
+    before for the same pair is read back from the decisions table, so a run with nothing new decides nothing."""
+    result = S.run_champion(workspace, cfg, infer, evaluate)
+    get_run_logger().info("champion: %s (%s)", result["decision"], result.get("reason", ""))
+    return result
+
+
+def _final_state(results: dict[str, Any]):
+    """The pipeline run's result; when its challenger was rejected or the champion dropped on new cases, a
+    Completed state whose message says so (the run's state message in the UI), and, for a decision made by this
+    run, a Prefect event per alert with the numbers in its payload (`unet3d.challenger.rejected`,
+    `unet3d.champion.dropped`, resource `unet3d.cohort.COHORT`) that an automation can notify on."""
+    from prefect.events import emit_event
+    from prefect.states import Completed
+
+    from .champion import alerts, event_payload
+
+    decision = results.get("champion") or {}
+    found = alerts(decision)
+    if not found:
+        return results
+    logger = get_run_logger()
+    for event, message in found:
+        logger.warning("%s", message)
+        if decision.get("new"):
+            emit_event(event=event, resource={"prefect.resource.id": f"unet3d.cohort.{decision['cohort']}",
+                                              "prefect.resource.name": decision["cohort"]},
+                       payload=dict(event_payload(decision), message=message))
+    return Completed(message="; ".join(message for _, message in found), data=results)
 
 
 def _log_outcome(results: dict[str, Any]) -> None:

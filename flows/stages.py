@@ -29,8 +29,9 @@ from data_catalog.workspace import Workspace
 from unet3d.config import ConfigError, PipelineConfig, StageConfig
 
 from .cache_keys import (labelled_cases, model_identity, plan_id_of, run_id_for, spacing_factors,
-                         split_fingerprint, stage1_cache_identity, train_settings)
+                         split_fingerprint, stage1_cache_identity, train_settings, warm_start_source)
 from .caching import drop_marker, to_data, write_marker
+from .champion import append_report_sections
 
 log = logging.getLogger("flows.stages")
 
@@ -172,6 +173,7 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
     marker, plan_id = f"train-{stage.name}", plan_id_of(preprocess, stage)
     out, lock = model_folder(workspace, cfg, stage, preprocess)
     spec = _train_spec(workspace, cfg, stage, plan_id, out)
+    spec.init_from = warm_start_source(workspace, cfg, stage, preprocess)  # train.init_from resolved (None: cold)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock), timeout=24 * 3600):  # two runs never write one model
         _remove_leftovers(out)
@@ -506,8 +508,20 @@ def run_report(workspace: str, cfg: PipelineConfig, key: str, evaluate: dict) ->
     fill_in = pd.read_parquet(evaluate["fill_in_path"]) if evaluate.get("fill_in_path") else None
     md = write_markdown_report(ws.run_report_dir(run_id), run_id, summary, metrics, _overlay_cases(ws, cfg, run_id, metrics),
                                lesions=lesions, title=f"{cfg.cohort.name}: run {run_id}", fill_in=fill_in)
+    md = append_report_sections(workspace, cfg, run_id, md)  # the champion / challenger decision, the history PNG
     table = format_summary(summary)
     log.info("report %s:\n%s", run_id, table)
     return _finish(workspace, "report", key, {"run_id": run_id, "run_date": run_date, "summary_path": str(summary_path),
                                               "report_md": str(md), "table": table,
                                               "outputs": [str(summary_path), str(md)]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# champion / challenger
+# ---------------------------------------------------------------------------------------------------------
+def run_champion(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict, progress: bool = True) -> dict:
+    """The run's models against the cohort's champion on the frozen test cases (flows/champion.py): promoted when
+    not worse beyond `promote.margin`, else rejected; a decision made before for the same pair is read back."""
+    from .champion import challenge
+
+    return to_data(challenge(workspace, cfg, infer, evaluate, progress=progress))

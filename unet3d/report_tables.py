@@ -124,6 +124,29 @@ FILL_IN_SCHEMA: pa.Schema = pa.schema(
     ]
 )
 
+#: One row per champion / challenger decision of a run (unet3d.champion): who served, who challenged, the numbers.
+DECISIONS_SCHEMA: pa.Schema = pa.schema(
+    [
+        ("cohort", pa.string()),
+        ("chain", pa.string()),  # the stage names, "roi -> final"
+        ("challenger_run_id", pa.string()),
+        ("champion_run_id", pa.string()),  # the champion it was compared with (null: none yet)
+        ("decision", pa.string()),  # promoted | rejected
+        ("reason", pa.string()),
+        ("metric", pa.string()),  # per-case mean over the final stage's classes
+        ("n_cases", pa.int64()),  # frozen cases both models were scored on
+        ("n_new_cases", pa.int64()),  # of them, test cases the champion had not been evaluated on
+        *[(name, pa.float64()) for name in ("challenger_mean", "champion_mean", "difference", "ci_low", "ci_high",
+                                            "margin", "confidence")],
+        ("n_boot", pa.int64()),
+        ("champion_new_mean", pa.float64()),  # the champion on the new cases, against its own interval
+        ("champion_ci_low", pa.float64()),
+        ("champion_ci_high", pa.float64()),
+        ("champion_dropped", pa.bool_()),
+        ("decided_at", pa.string()),
+    ]
+)
+
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .config import EVALUATE_DEFAULTS
 from .io import read_image, to_numpy
-from .labels import IGNORE_LABEL, map_labels
+from .labels import map_labels
 
 # scipy's neighbourhood rank for a connectivity in voxels (faces, faces + edges, faces + edges + corners)
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
@@ -46,12 +46,11 @@ def structure_measures(labels: np.ndarray, spacing_mm: Sequence[float], classes:
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
     voxel_ml = voxel_volume_ml(spacing_mm)
-    counts = np.bincount(labels.ravel(), minlength=max(classes, default=0) + 1) if labels.size else \
-        np.zeros(max(classes, default=0) + 1, dtype=np.int64)
     out = {}
     for index in classes:
-        n = int(counts[index]) if index < len(counts) else 0
-        components = int(ndimage.label(labels == index, structure=structure)[1]) if n else 0
+        mask = labels == index  # one boolean volume at a time: no int64 copy of a CT-sized label map
+        n = int(np.count_nonzero(mask))
+        components = int(ndimage.label(mask, structure=structure)[1]) if n else 0
         out[int(index)] = {"voxel_count": n, "volume_ml": n * voxel_ml, "n_components": components}
     return out
 
@@ -69,10 +68,9 @@ def touches_border(mask: np.ndarray) -> bool:
 def reference_volumes(label: np.ndarray, spacing_mm: Sequence[float], label_map: Mapping[int, int],
                       classes: Iterable[int]) -> dict[int, float]:
     """A reference label map's volume (mL) per stage class: its source values mapped through `label_map`."""
-    mapped = map_labels(label, label_map)
-    counts = np.bincount(mapped[mapped != IGNORE_LABEL].ravel(), minlength=256)
+    mapped = map_labels(label, label_map)  # the ignore value stays IGNORE_LABEL, never a class
     voxel_ml = voxel_volume_ml(spacing_mm)
-    return {int(c): int(counts[int(c)]) * voxel_ml for c in classes}
+    return {int(c): int(np.count_nonzero(mapped == int(c))) * voxel_ml for c in classes}
 
 
 @dataclass(frozen=True)
@@ -106,9 +104,9 @@ def read_training_ranges(reference_paths: Iterable[str | Path], label_map: Mappi
     for path in reference_paths:
         image = read_image(path)
         label = to_numpy(image)
-        if not np.issubdtype(label.dtype, np.integer):
-            label = np.round(label)
-        per_case.append(reference_volumes(label.astype(np.int64), image.GetSpacing(), label_map, classes))
+        if not np.issubdtype(label.dtype, np.integer):  # a float label file holds integer values (ingestion checked)
+            label = np.round(label).astype(np.int64)
+        per_case.append(reference_volumes(label, image.GetSpacing(), label_map, classes))
     return training_ranges(per_case)
 
 
@@ -137,6 +135,6 @@ def read_scan_rows(case_id: str, prediction: str | Path, classes: Mapping[int, s
     """scan_rows of written predictions: the final stage's file and, for a cascade, stage 1's file. The voxel
     volume is the prediction's spacing, which is the scan's (predictions are written in its geometry)."""
     image = read_image(prediction)
-    labels = to_numpy(image).astype(np.int64, copy=False)
+    labels = to_numpy(image)
     roi_mask = to_numpy(read_image(roi_prediction)) > 0 if roi_prediction is not None else None
     return scan_rows(case_id, labels, image.GetSpacing(), classes, roi_mask, roi_found, ranges, connectivity)
