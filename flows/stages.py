@@ -296,8 +296,10 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
 def serving_models(workspace: str, cfg: PipelineConfig, trains: list[dict]) -> list[dict]:
     """The model chain that segments the unlabelled scans, one train-stage result per stage of the cascade (its
     `key`, `model_dir`, `best_checkpoint`, `checkpoint_sha256`, `plan_id`): the one place that decides which
-    models serve. Today: the models this run trained."""
-    return list(trains)
+    models serve: the cohort's champion (flows/champion.py) when it has one, else the models this run trained."""
+    from .champion import champion_models
+
+    return champion_models(workspace, cfg) or list(trains)
 
 
 def _segment_jobs(ws: Workspace, cfg: PipelineConfig, chain: str, models: list[dict], plans: list[dict],
