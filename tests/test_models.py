@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from unet3d.models import (
+    ARCHITECTURE_PARTS,
     ARCHITECTURES,
     InstanceNorm,
     build_network,
@@ -18,6 +21,14 @@ from unet3d.models import (
 )
 
 SMALL = (4, 8, 16)  # 3 stages, tiny widths: keeps every test well under a second
+# Level blocks that begin with a full convolution (conv1); the inverted residual begins with a 1x1x1 expansion
+# (its depthwise kernels are checked in tests/test_architectures.py).
+CONV_BLOCK_ARCHITECTURES = [a for a in ARCHITECTURES if ARCHITECTURE_PARTS[a].block != "inverted_residual"]
+
+
+def first_conv(net: nn.Module) -> nn.Conv3d:
+    """The first convolution of the first level block."""
+    return next(m for m in net.encoder[0].modules() if isinstance(m, nn.Conv3d))
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +46,7 @@ def test_odd_input_size_gives_logits_of_input_size(architecture: str) -> None:
         assert net(x).shape == (2, 3, 23, 30, 17)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", CONV_BLOCK_ARCHITECTURES)
 def test_anisotropic_strides_and_kernels(architecture: str) -> None:
     strides = [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
     kernels = [(3, 3, 1), (3, 3, 3), (3, 3, 3)]
@@ -71,7 +82,7 @@ def test_gradients_reach_first_layer(architecture: str) -> None:
     net = build_network(architecture, 1, 2, features=SMALL, deep_supervision=True)
     outputs = net(torch.randn(2, 1, 12, 14, 10))
     sum(o.square().mean() for o in outputs).backward()
-    grad = net.encoder[0].conv1[0].weight.grad
+    grad = first_conv(net).weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert all(p.grad is not None for p in net.parameters()), "some parameter is not part of the graph"
 

@@ -180,7 +180,13 @@ class TrainConfig(_Section):
     """Training settings. Recipe keys left unset (None) are planned per stage from the data, the device and the
     time budget (`unet3d.recipe`, recorded with its reasons in model.json); a value given here is used as is."""
 
-    architecture: Literal["unet3d", "residual_unet3d", "attention_unet3d", "unet3d_plusplus"] = "unet3d"
+    # unet3d.models.ARCHITECTURE_PARTS: each name is a block, a skip pattern and a gate (unet2d: slice-wise)
+    architecture: Literal["unet3d", "residual_unet3d", "attention_unet3d", "unet3d_plusplus", "mobile_unet3d",
+                          "unet2d"] = "unet3d"
+    # One part of the architecture replaced (null: the architecture's own), e.g. attention_unet3d + skip: nested
+    block: Literal["double_conv", "residual", "inverted_residual"] | None = None
+    skip: Literal["plain", "nested"] | None = None
+    gate: Literal["none", "attention"] | None = None
     features: list[int] | None = None  # planned: widths timed on the device against the budget
     stem_stride: list[int] | None = None  # planned: [2, 2, 2] runs stage 0 on a 2x coarser grid (cheap on a CPU)
     norm: Literal["instance", "batch", "group"] = "instance"
@@ -478,7 +484,7 @@ def load_config(path: str | Path) -> PipelineConfig:
 # Train settings added after models were first trained with this project. At their default they are left out
 # of every identity of a model (its checkpoint folder, its checkpoints' resume check, its recipe), so a model
 # trained before a setting existed is still found and resumed instead of trained again from scratch.
-LATER_TRAIN_SETTINGS = ("devices", "class_weights", "init_from")
+LATER_TRAIN_SETTINGS = ("devices", "class_weights", "init_from", "block", "skip", "gate")
 
 
 def model_train_settings(train: dict) -> dict:

@@ -1,13 +1,25 @@
-"""3D U-Net family built from one configurable encoder/decoder.
+"""U-Net family built from one configurable encoder/decoder: 3D, slice-wise 2D, and composable blocks.
 
-Four named architectures share a single network class, :class:`UNet3D`, which is configured by a few per-stage lists
-(features, strides, kernel sizes) and three switches:
+Every named architecture is one :class:`UNet3D` configured by a few per-stage lists (features, strides, kernel
+sizes) and four composable parts (see :data:`ARCHITECTURE_PARTS`):
 
-* ``unet3d``            - Çiçek et al. 2016: two conv-norm-ReLU per level, max-pool down, transposed-conv up,
-                          concatenated skips.
-* ``residual_unet3d``   - the same with residual blocks (two convs plus an identity / 1x1 shortcut).
-* ``attention_unet3d``  - the same with additive attention gates on the skips (Oktay et al. 2018).
-* ``unet3d_plusplus``   - UNet++ (Zhou et al. 2018): nested decoder nodes with dense skip connections.
+* ``block``: the level block, ``double_conv`` (two conv-norm-ReLU, Çiçek et al. 2016), ``residual`` (the same
+  with an identity / 1x1 shortcut) or ``inverted_residual`` (MobileNetV2's depthwise-separable inverted residual,
+  :class:`InvertedResidualBlock`: few parameters, and its wide tensors are recomputed in the backward pass);
+* ``skip``: ``plain`` (one encoder skip per decoder level) or ``nested`` (UNet++, Zhou et al. 2018: nested decoder
+  nodes with dense skips);
+* ``gate``: ``none`` or ``attention`` (additive attention gates on the skips, Oktay et al. 2018);
+* ``slice_wise``: the network convolves and pools within slices only and sees every slice on its own (the slice
+  axis is folded into the batch), i.e. a 2D U-Net applied slice by slice.
+
+Named architectures (``architecture`` in the config; ``train.block``/``skip``/``gate`` replace a part):
+
+* ``unet3d``            - double_conv, plain, none
+* ``residual_unet3d``   - residual, plain, none
+* ``attention_unet3d``  - double_conv, plain, attention
+* ``unet3d_plusplus``   - double_conv, nested, none
+* ``mobile_unet3d``     - inverted_residual, plain, none
+* ``unet2d``            - double_conv, plain, none, slice-wise (the slice axis: :func:`slice_axis_for`)
 
 Tensors are (B, C, X, Y, Z). Any spatial size is accepted: pooling uses ``ceil_mode`` so no voxel is dropped, and
 upsampled decoder maps are cropped / padded to their skip's size, so the logits always have the input's spatial size.
@@ -16,38 +28,104 @@ Example::
 
     net = build_network("unet3d", in_channels=1, num_classes=3)
     logits = net(torch.randn(2, 1, 40, 56, 40))          # (2, 3, 40, 56, 40)
+    net2d = build_network("unet2d", 1, 3, slice_axis=2)  # the same logits' shape, every z slice on its own
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import TRAIN_DEFAULTS
 
 __all__ = [
     "ARCHITECTURES",
+    "ARCHITECTURE_PARTS",
     "AttentionGate",
+    "BLOCKS",
     "ConvNormAct",
     "DecoderNode",
     "DoubleConv",
     "Down",
+    "GATES",
     "InstanceNorm",
+    "InvertedResidual",
+    "InvertedResidualBlock",
+    "Parts",
     "ResidualBlock",
+    "SKIPS",
     "UNet3D",
     "Up",
+    "architecture_parts",
     "build_network",
     "count_parameters",
     "match_size",
     "plan_topology",
+    "slice_axis_for",
+    "slice_wise_topology",
 ]
 
-ARCHITECTURES: tuple[str, ...] = ("unet3d", "residual_unet3d", "attention_unet3d", "unet3d_plusplus")
 NORMS: tuple[str, ...] = ("batch", "instance", "group")
+BLOCKS: tuple[str, ...] = ("double_conv", "residual", "inverted_residual")
+SKIPS: tuple[str, ...] = ("plain", "nested")
+GATES: tuple[str, ...] = ("none", "attention")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a U-Net is made of: the level block, the skip pattern, the skip gate, and whether it is slice-wise."""
+
+    block: str = "double_conv"
+    skip: str = "plain"
+    gate: str = "none"
+    slice_wise: bool = False
+
+
+#: Each named architecture as a combination of parts; `train.block` / `skip` / `gate` replace one of them.
+ARCHITECTURE_PARTS: dict[str, Parts] = {
+    "unet3d": Parts(),
+    "residual_unet3d": Parts(block="residual"),
+    "attention_unet3d": Parts(gate="attention"),
+    "unet3d_plusplus": Parts(skip="nested"),
+    "mobile_unet3d": Parts(block="inverted_residual"),
+    "unet2d": Parts(slice_wise=True),
+}
+ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURE_PARTS)
+
+
+def architecture_parts(architecture: str, block: str | None = None, skip: str | None = None,
+                       gate: str | None = None) -> Parts:
+    """The parts of a named architecture, with any of block / skip / gate replaced (None: the architecture's own)."""
+    if architecture not in ARCHITECTURE_PARTS:
+        raise ValueError(f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+    for name, value, valid in (("block", block, BLOCKS), ("skip", skip, SKIPS), ("gate", gate, GATES)):
+        if value is not None and value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    base = ARCHITECTURE_PARTS[architecture]
+    return Parts(block=block or base.block, skip=skip or base.skip, gate=gate or base.gate,
+                 slice_wise=base.slice_wise)
+
+
+def slice_axis_for(spacing: Sequence[float] | None) -> int:
+    """The axis a slice-wise network cuts slices along: the one with the coarsest spacing (the acquired slices of
+    a thick-slice scan; the in-plane axes keep the finest detail), the last axis (z) on a tie or without spacing."""
+    if spacing is None:
+        return 2
+    values = [float(s) for s in spacing]
+    coarsest = max(values)
+    return max(i for i, s in enumerate(values) if s >= coarsest * (1 - 1e-6))
+
+
+def slice_wise_topology(values: Sequence[Sequence[int]], axis: int) -> list[Triple]:
+    """Strides, kernel sizes or a stem stride with 1 along the slice axis: a slice-wise network never pools or
+    convolves across slices."""
+    return [tuple(1 if a == axis else int(v) for a, v in enumerate(entry)) for entry in values]  # type: ignore[misc]
 
 Triple = tuple[int, int, int]
 
@@ -165,6 +243,65 @@ class ResidualBlock(nn.Module):
         return self.act(self.conv2(self.dropout(self.conv1(x))) + self.shortcut(x))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual (Sandler et al. 2018) in 3D: 1x1x1 expand -> norm -> ReLU6, depthwise
+    kernel_size conv -> norm -> ReLU6, 1x1x1 project -> norm (linear), plus the input when the shapes match.
+
+    (B, C_in, X, Y, Z) -> (B, C_out, X, Y, Z). The hidden width is expansion x C_out (expansion 2: MobileNetV2's 6
+    would make every full-resolution hidden tensor of a 3D network six times the level's width). With `recompute`,
+    training keeps only the unit's narrow input for the backward pass and recomputes the wide hidden tensors there
+    (torch.utils.checkpoint; MobileNetV2's point that the expanded tensor need not persist): about a third less peak
+    memory than keeping them, for one more forward of the unit. Depthwise 3D convolutions are memory-bound; on a CPU
+    PyTorch runs them slowly (benchmarks/architectures.py measures time and memory against the other blocks).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Triple, norm: str, expansion: int = 2,
+                 recompute: bool = True):
+        super().__init__()
+        hidden = expansion * out_channels
+        self.body = nn.Sequential(
+            nn.Conv3d(in_channels, hidden, 1, bias=False),
+            make_norm(norm, hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv3d(hidden, hidden, kernel_size, padding=tuple(k // 2 for k in kernel_size), groups=hidden,
+                      bias=False),  # depthwise: one filter per channel
+            make_norm(norm, hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv3d(hidden, out_channels, 1, bias=False),
+            make_norm(norm, out_channels),  # linear bottleneck: no activation on the narrow output
+        )
+        self.residual = in_channels == out_channels
+        self.recompute = recompute
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            out = checkpoint(self.body, x, use_reentrant=False)
+        else:
+            out = self.body(x)
+        return out + x if self.residual else out
+
+
+class InvertedResidualBlock(nn.Module):
+    """A level block of two :class:`InvertedResidual` units (the first changes the channels, the second has the
+    residual), in the place of DoubleConv's two convolutions.
+
+    (B, C_in, X, Y, Z) -> (B, C_out, X, Y, Z)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Triple, norm: str, dropout: float = 0.0):
+        super().__init__()
+        self.unit1 = InvertedResidual(in_channels, out_channels, kernel_size, norm)
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.unit2 = InvertedResidual(out_channels, out_channels, kernel_size, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.unit2(self.dropout(self.unit1(x)))
+
+
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {
+    "double_conv": DoubleConv, "residual": ResidualBlock, "inverted_residual": InvertedResidualBlock}
+
+
 class Down(nn.Module):
     """Max-pool by `stride` (ceil mode: trailing partial windows are kept, so no voxel is lost).
 
@@ -275,18 +412,20 @@ class FullResolutionRefine(nn.Module):
     again at full resolution lets the boundary follow its edges instead of the coarse grid's blocks.
     """
 
-    def __init__(self, coarse_channels: int, image_channels: int, out_channels: int, stride: Triple, norm: str):
+    def __init__(self, coarse_channels: int, image_channels: int, out_channels: int, stride: Triple, norm: str,
+                 kernel_size: Triple = (3, 3, 3)):
         super().__init__()
         self.out_channels = out_channels
         self.up = Up(coarse_channels, out_channels, stride)
-        self.conv = ConvNormAct(out_channels + image_channels, out_channels, (3, 3, 3), norm)
+        self.conv = ConvNormAct(out_channels + image_channels, out_channels, kernel_size, norm)
 
     def forward(self, coarse: Tensor, image: Tensor) -> Tensor:
         return self.conv(torch.cat([self.up(coarse, image.shape[2:]), image], dim=1))
 
 
 class UNet3D(nn.Module):
-    """Configurable 3D U-Net: plain, residual, attention-gated and nested (UNet++) variants in one class.
+    """Configurable U-Net: any level block (double conv, residual, inverted residual), plain or nested (UNet++)
+    skips, with or without attention gates, volumetric or slice-wise, in one class.
 
     Stage i (0..L, L = len(features) - 1) pools by strides[i] (strides[0] must be (1, 1, 1)) and runs one block with
     features[i] channels and kernel kernel_sizes[i]. Decoder node X[i, j] (j >= 1) lives at stage i's resolution;
@@ -297,6 +436,10 @@ class UNet3D(nn.Module):
     stem_stride > 1: a :class:`StridedStem` puts stage 0 on a grid coarser by stem_stride, and a
     :class:`FullResolutionRefine` brings row 0 back to the input grid (several times cheaper per iteration on a
     CPU; the planner in :mod:`unet3d.recipe` picks it for short CPU budgets).
+
+    slice_axis (0, 1 or 2; None: volumetric): a slice-wise (2D) network. Strides, kernels and the stem are 1 along
+    that axis, and forward folds the axis into the batch: every slice is one 2D sample, normalised on its own, so
+    a slice's logits depend on that slice only, however many slices a patch or a sliding window holds.
 
     forward: (B, in_channels, X, Y, Z) -> (B, num_classes, X, Y, Z) logits; in training mode with deep supervision a
     list [full resolution, stage 1, ..., stage L-1] of logits (with a stem: [full resolution, stage 0, ...]).
@@ -312,11 +455,12 @@ class UNet3D(nn.Module):
         norm: str = TRAIN_DEFAULTS.norm,
         dropout: float = TRAIN_DEFAULTS.dropout,
         deep_supervision: bool = False,
-        residual: bool = False,
-        attention: bool = False,
-        nested: bool = False,
+        block: str = "double_conv",
+        skip: str = "plain",
+        gate: str = "none",
         channels_last: bool = True,
         stem_stride: int | Sequence[int] = 1,
+        slice_axis: int | None = None,
     ):
         super().__init__()
         n_stages = len(features)
@@ -340,6 +484,11 @@ class UNet3D(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        for name, value, valid in (("block", block, BLOCKS), ("skip", skip, SKIPS), ("gate", gate, GATES)):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        self.parts = Parts(block=block, skip=skip, gate=gate, slice_wise=slice_axis is not None)
+        nested = skip == "nested"
         self.deep_supervision = deep_supervision
         self.nested = nested
         self.channels_last = channels_last
@@ -347,7 +496,16 @@ class UNet3D(nn.Module):
         self.stem_stride = _triple(stem_stride, "stem_stride")
         if any(s < 1 for s in self.stem_stride):
             raise ValueError(f"stem_stride must be positive, got {self.stem_stride}")
-        block: type[nn.Module] = ResidualBlock if residual else DoubleConv
+        self.slice_axis = slice_axis
+        if slice_axis is not None:
+            if slice_axis not in (0, 1, 2):
+                raise ValueError(f"slice_axis must be 0, 1 or 2 (x, y, z), got {slice_axis!r}")
+            topology = {"strides": self.strides, "kernel_sizes": self.kernel_sizes, "stem_stride": [self.stem_stride]}
+            across = [name for name, values in topology.items() if any(v[slice_axis] != 1 for v in values)]
+            if across:
+                raise ValueError(f"a slice-wise network needs 1 along its slice axis {'xyz'[slice_axis]} in "
+                                 f"{', '.join(across)} (see slice_wise_topology)")
+        block_class = BLOCK_CLASSES[block]
 
         # Strided stem: a strided conv takes the input to stage 0's grid, so no block runs at full resolution
         # (the costliest part of a 3D U-Net on a CPU); a light refinement restores full-resolution detail.
@@ -356,11 +514,12 @@ class UNet3D(nn.Module):
         if self.stem_stride != (1, 1, 1):
             f0 = self.features[0]
             self.stem = StridedStem(in_channels, f0, self.stem_stride, norm)
-            self.refine = FullResolutionRefine(f0, in_channels, max(f0 // 2, 4), self.stem_stride, norm)
+            refine_kernel = tuple(1 if axis == slice_axis else 3 for axis in range(3))
+            self.refine = FullResolutionRefine(f0, in_channels, max(f0 // 2, 4), self.stem_stride, norm, refine_kernel)
             first_in = f0
         self.downs = nn.ModuleList(Down(s) for s in self.strides)
         self.encoder = nn.ModuleList(
-            block(c_in, c_out, k, norm, dropout)
+            block_class(c_in, c_out, k, norm, dropout)
             for c_in, c_out, k in zip((first_in, *self.features[:-1]), self.features, self.kernel_sizes)
         )
         self.decoder = nn.ModuleDict()
@@ -373,8 +532,8 @@ class UNet3D(nn.Module):
                 kernel_size=self.kernel_sizes[i],
                 norm=norm,
                 dropout=dropout,
-                block=block,
-                attention=attention,
+                block=block_class,
+                attention=gate == "attention",
             )
         n_heads = self.depth if deep_supervision else 1
         # Head i reads output i of _outputs: with a stem, output 0 is the refined full-resolution map and output
@@ -392,6 +551,21 @@ class UNet3D(nn.Module):
         return [(i, j) for j in range(1, depth + 1) for i in (range(depth - j + 1) if self.nested else [depth - j])]
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.slice_axis is None:
+            return self._forward(x)
+        # (B, C, X, Y, Z) -> (B * D, C, ...) with size 1 along the slice axis (D slices): one 2D sample per slice.
+        axis = 2 + self.slice_axis
+        batch, depth = x.shape[0], x.shape[axis]
+        slices = x.movedim(axis, 1).reshape(batch * depth, *x.shape[1:axis], *x.shape[axis + 1:]).unsqueeze(axis)
+        outputs = self._forward(slices)
+
+        def unfold(logits: Tensor) -> Tensor:  # (B * D, K, ..., 1, ...) -> (B, K, X, Y, Z)
+            logits = logits.squeeze(axis)
+            return logits.reshape(batch, depth, *logits.shape[1:]).movedim(1, axis).contiguous()
+
+        return [unfold(o) for o in outputs] if isinstance(outputs, list) else unfold(outputs)
+
+    def _forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.channels_last:
             # (B, X, Y, Z, C) memory order: oneDNN's 3D conv backward is several times faster in it for the narrow
             # full-resolution stages (and cuDNN prefers it under bf16). Only the layout changes, not the shape.
@@ -434,36 +608,50 @@ def build_network(
     dropout: float = TRAIN_DEFAULTS.dropout,
     deep_supervision: bool = False,
     stem_stride: int | Sequence[int] = 1,
+    block: str | None = None,
+    skip: str | None = None,
+    gate: str | None = None,
+    slice_axis: int | None = None,
 ) -> nn.Module:
-    """Build one of ARCHITECTURES.
+    """Build one of ARCHITECTURES, with any of its parts (block, skip, gate) replaced (None: its own).
 
     strides / kernel_sizes: one (x, y, z) triple per stage (see :func:`plan_topology`); default stride 1 for the
-    first stage and 2 after it, kernel 3 everywhere.
+    first stage and 2 after it, kernel 3 everywhere. A slice-wise architecture (``unet2d``) cuts slices along
+    `slice_axis` (default: z) and sets that axis of the strides, kernels and stem stride to 1
+    (:func:`slice_wise_topology`), so a topology planned for a 3D patch builds its 2D counterpart.
     """
-    switches = {
-        "unet3d": {},
-        "residual_unet3d": {"residual": True},
-        "attention_unet3d": {"attention": True},
-        "unet3d_plusplus": {"nested": True},
-    }
-    if architecture not in switches:
-        raise ValueError(f"unknown architecture {architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+    parts = architecture_parts(architecture, block, skip, gate)
+    if slice_axis is not None and not parts.slice_wise:
+        raise ValueError(f"slice_axis is for a slice-wise architecture (unet2d), not {architecture!r}")
     n_stages = len(features)
     if strides is None:
         strides = [(1, 1, 1)] + [(2, 2, 2)] * (n_stages - 1)
     if kernel_sizes is None:
         kernel_sizes = [(3, 3, 3)] * n_stages
+    strides = [_triple(s, "stride") for s in strides]
+    kernel_sizes = [_triple(k, "kernel size") for k in kernel_sizes]
+    stem = _triple(stem_stride, "stem_stride")
+    if parts.slice_wise:
+        slice_axis = 2 if slice_axis is None else slice_axis
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2 (x, y, z), got {slice_axis!r}")
+        strides = slice_wise_topology(strides, slice_axis)
+        kernel_sizes = slice_wise_topology(kernel_sizes, slice_axis)
+        stem = slice_wise_topology([stem], slice_axis)[0]
     return UNet3D(
         in_channels,
         num_classes,
         features,
-        [_triple(s, "stride") for s in strides],
-        [_triple(k, "kernel size") for k in kernel_sizes],
+        strides,
+        kernel_sizes,
         norm=norm,
         dropout=dropout,
         deep_supervision=deep_supervision,
-        stem_stride=stem_stride,
-        **switches[architecture],
+        stem_stride=stem,
+        block=parts.block,
+        skip=parts.skip,
+        gate=parts.gate,
+        slice_axis=slice_axis if parts.slice_wise else None,
     )
 
 

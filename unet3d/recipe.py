@@ -122,6 +122,27 @@ def stem_strides(spacing: Sequence[float], stem: int) -> list[int]:
     return [stem if s <= 2 * finest else 1 for s in spacing]
 
 
+def plan_slice_patch_size(shapes: Sequence[Sequence[int]], slice_axis: int, max_voxels: int,
+                          multiple: int = 8) -> list[int]:
+    """A slice-wise (2D) network's patch: whole slices (the median in-plane size rounded up to a multiple of 8,
+    the larger in-plane side shrunk while one slice alone passes the voxel cap) stacked along `slice_axis` up to the
+    voxel cap or the median depth. Every slice of the stack is one 2D sample, so an iteration sees about as many
+    voxels as a 3D network's patch; the stack's depth needs no rounding (nothing pools across slices)."""
+    median = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
+    plane = [a for a in range(3) if a != slice_axis]
+    patch = [1, 1, 1]
+    for a in plane:
+        patch[a] = max(multiple, int(math.ceil(median[a] / multiple) * multiple))
+    while patch[plane[0]] * patch[plane[1]] > max_voxels:
+        a = max(plane, key=lambda axis: patch[axis])
+        if patch[a] <= multiple:
+            break
+        patch[a] -= multiple
+    slices_in_cap = max_voxels // (patch[plane[0]] * patch[plane[1]])
+    patch[slice_axis] = int(max(1, min(math.ceil(median[slice_axis]), slices_in_cap)))
+    return patch
+
+
 def cuda_patch_voxels(device: torch.device, configured: int) -> int:
     """On a GPU the patch cap grows with free memory (about 128^3 per 10 GB, nnU-Net's reference point)."""
     if device.type != "cuda":
@@ -142,8 +163,11 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
     reasons["batch_size"] = "set in the config" if cfg.batch_size else "2: nnU-Net's choice; larger batches cost proportionally more"
     augment_guess = cfg.augment if cfg.augment is not None else "light"
     if time_fn is None:
+        architecture = {"architecture": cfg.architecture, "block": cfg.block, "skip": cfg.skip, "gate": cfg.gate}
+
         def time_fn(features, stem, b, aug):
-            return measure_iteration(features, stem, patch, spacing, num_classes, in_channels, b, aug, device)
+            return measure_iteration(features, stem, patch, spacing, num_classes, in_channels, b, aug, device,
+                                     architecture=architecture)
 
     calibration: list[dict] = []
     features, stem = cfg.features, cfg.stem_stride
@@ -243,20 +267,26 @@ def _pick(reasons: dict[str, str], key: str, explicit, budgeted: bool, planned, 
 
 def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch: Sequence[int],
                       spacing: Sequence[float], num_classes: int, in_channels: int, batch: int, augment: str,
-                      device: torch.device, iterations: int = CALIBRATION_ITERATIONS) -> float:
+                      device: torch.device, iterations: int = CALIBRATION_ITERATIONS,
+                      architecture: dict | None = None) -> float:
     """Seconds per training iteration of a candidate on `device`: the median of a few timed iterations after
-    one warm-up (augmentation, forward under autocast, deep-supervised Dice+CE, backward, AdamW step)."""
+    one warm-up (augmentation, forward under autocast, deep-supervised Dice+CE, backward, AdamW step).
+    `architecture`: build_network's architecture, block, skip and gate (default: a plain unet3d)."""
     import torch
 
     from .augment import PRESETS, AugmentConfig, BatchAugmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
-    from .models import build_network
+    from .models import architecture_parts, build_network, slice_axis_for
     from .sampling import center_crop
     from .train import autocast, network_topology
 
+    architecture = dict(architecture or {"architecture": "unet3d"})
+    if architecture_parts(**architecture).slice_wise:
+        architecture["slice_axis"] = slice_axis_for(spacing)
     strides, kernels = network_topology(patch, spacing, len(features), stem_stride)
-    net = build_network("unet3d", in_channels, num_classes, features=features, strides=strides,
-                        kernel_sizes=kernels, deep_supervision=True, stem_stride=stem_stride).to(device)
+    net = build_network(in_channels=in_channels, num_classes=num_classes, features=features, strides=strides,
+                        kernel_sizes=kernels, deep_supervision=True, stem_stride=stem_stride,
+                        **architecture).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DeepSupervisionLoss(DiceCELoss())
     augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **PRESETS[augment]))

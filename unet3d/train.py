@@ -44,10 +44,11 @@ from .config import INFER_DEFAULTS, TrainConfig, model_train_settings
 from .io import atomic_path, parent_death_signal, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
 from .metrics import dice_per_class
-from .models import build_network, count_parameters, plan_topology
+from .models import (architecture_parts, build_network, count_parameters, plan_topology, slice_axis_for,
+                     slice_wise_topology)
 from .postprocess import choose_postprocessing
 from .labels import IGNORE_LABEL
-from .recipe import Recipe, cuda_patch_voxels, plan_recipe
+from .recipe import Recipe, cuda_patch_voxels, plan_recipe, plan_slice_patch_size
 from .sampling import CaseData, PatchSampler, center_crop, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
@@ -315,11 +316,13 @@ def build_model_from_config(model_config: dict) -> nn.Module:
     # model.json files written before the strided stem existed have no stem_stride: build_network's own default
     # (no stem) is what they were trained with.
     stem = {"stem_stride": model_config["stem_stride"]} if "stem_stride" in model_config else {}
+    # replaced parts (train.block / skip / gate) and a slice-wise network's slice axis are written only when given
+    parts = {k: model_config[k] for k in ("block", "skip", "gate", "slice_axis") if model_config.get(k) is not None}
     return build_network(
         model_config["architecture"], model_config["in_channels"], model_config["num_classes"],
         features=model_config["features"], strides=model_config["strides"], kernel_sizes=model_config["kernel_sizes"],
         norm=model_config["norm"], dropout=model_config["dropout"],
-        deep_supervision=model_config["deep_supervision"], **stem)
+        deep_supervision=model_config["deep_supervision"], **stem, **parts)
 
 
 def network_topology(patch: Sequence[int], spacing: Sequence[float], n_stages: int,
@@ -434,9 +437,12 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         raise ValueError(f"stage {spec.stage}: no labelled training case" +
                          (" with a non-empty ROI" if spec.roi else ""))
     spacing = list(spec.spacing or train_cases[0].spacing)
+    # a slice-wise (2D) network: its patch is a stack of whole slices, each slice one 2D sample
+    slice_axis = slice_axis_for(spacing) if architecture_parts(cfg.architecture).slice_wise else None
+    shapes, max_voxels = [c.region_shape() for c in train_cases], cuda_patch_voxels(device, cfg.max_patch_voxels)
     patch = list(spec.patch_size or cfg.patch_size or (warm.patch_size if warm is not None else None) or
-                 plan_patch_size([c.region_shape() for c in train_cases], spacing,
-                                 cuda_patch_voxels(device, cfg.max_patch_voxels)))
+                 (plan_slice_patch_size(shapes, slice_axis, max_voxels) if slice_axis is not None
+                  else plan_patch_size(shapes, spacing, max_voxels)))
     num_classes = spec.num_classes
     # The input channels come from the data (image (C, X, Y, Z)): 1, or a multi-channel cohort's channels
     in_channels = int(train_cases[0].image.shape[0])
@@ -482,11 +488,17 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     # --- network, loss, optimiser --------------------------------------------------------------------------
     features = list(recipe.features)
     strides, kernels = network_topology(patch, spacing, len(features), recipe.stem_stride)
+    stem_stride = list(recipe.stem_stride)
+    if slice_axis is not None:  # what the slice-wise network is built with: nothing across slices
+        strides, kernels = slice_wise_topology(strides, slice_axis), slice_wise_topology(kernels, slice_axis)
+        stem_stride = list(slice_wise_topology([stem_stride], slice_axis)[0])
     model_config = {
         "architecture": cfg.architecture, "in_channels": in_channels, "num_classes": num_classes,
         "features": features, "strides": [list(s) for s in strides], "kernel_sizes": [list(k) for k in kernels],
-        "stem_stride": list(recipe.stem_stride), "norm": cfg.norm, "dropout": cfg.dropout,
+        "stem_stride": stem_stride, "norm": cfg.norm, "dropout": cfg.dropout,
         "deep_supervision": cfg.deep_supervision,
+        **{k: getattr(cfg, k) for k in ("block", "skip", "gate") if getattr(cfg, k) is not None},
+        **({"slice_axis": slice_axis} if slice_axis is not None else {}),
     }
     if warm is not None:  # the source's topology exactly (its strides and kernels), so that its weights fit
         model_config = dict(warm.model_config)
