@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.case_folder import IMAGE_FILE, LABEL_FILE, PROPS_FILE, read_props
-from unet3d.io import Geometry, read_case_image, read_image, to_numpy, write_json_atomic
+from unet3d.io import Geometry, read_case_image, read_label_image, to_numpy, write_json_atomic
 from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
                              plan_channel_normalisations, plan_normalisation, preprocess_consuming)
 
@@ -132,11 +132,7 @@ def _read_case(case: dict) -> tuple[np.ndarray | list[np.ndarray], np.ndarray | 
         del image
     label = None
     if case.get("label_path"):
-        label_img = read_image(case["label_path"])
-        label = to_numpy(label_img)
-        if not np.issubdtype(label.dtype, np.integer):
-            label = np.round(label)
-        label = label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16, copy=False)
+        label = read_label_image(case["label_path"])[0]
     return voxels, label, geometry
 
 

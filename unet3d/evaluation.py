@@ -14,7 +14,7 @@ import numpy as np
 
 from . import metrics
 from .config import EVALUATE_DEFAULTS
-from .io import read_image, to_numpy
+from .io import read_image, read_label_image, to_numpy
 from .labels import map_labels
 
 
@@ -40,11 +40,8 @@ class EvaluatedCase:
 
 def read_reference(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """A reference label image as int64 label values (a float label file is rounded) and its spacing."""
-    image = read_image(path)
-    labels = to_numpy(image)
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = np.round(labels)
-    return labels.astype(np.int64), image.GetSpacing()
+    labels, image = read_label_image(path, np.int64)
+    return labels, image.GetSpacing()
 
 
 def evaluate_cases(cases: Sequence[EvaluatedCase], stages: Sequence[EvaluatedStage], cohort: str, model: str,

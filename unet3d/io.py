@@ -506,6 +506,14 @@ def _nifti_layout(raw: bytes) -> tuple[int, np.dtype, int] | None:
     return n, np.dtype(f"{order}{_NIFTI_DTYPES[code]}"), max(offset, 0)
 
 
+def read_label_image(path: str | Path, dtype=None) -> tuple[np.ndarray, sitk.Image]:
+    """A label file's voxels as integer label values (unet3d.labels.as_label_values) and its image (geometry)."""
+    from .labels import as_label_values
+
+    image = read_image(path)
+    return as_label_values(to_numpy(image), dtype), image
+
+
 def read_case_image(image_files: Sequence[str | Path], dicom: bool, max_voxels: int | None = None) -> sitk.Image:
     """A case's image as the catalog lists it (`image_files`): the slice files of a DICOM series, in series
     order, read as one volume; otherwise its one image file. The one place that turns a case's file list into

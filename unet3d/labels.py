@@ -13,6 +13,20 @@ import numpy as np
 IGNORE_LABEL = 255
 
 
+def as_label_values(values: np.ndarray, dtype=None) -> np.ndarray:
+    """A label array as integers: a float label file's values rounded to the nearest integer (ingestion checked
+    that they are integers; storing labels as float32 is common), integer arrays unchanged. `dtype` None: the
+    smallest unsigned type that holds the values (uint8, uint16), else int64. The one rule every reader of a label
+    file uses (preprocessing, evaluation, volumes, overlays), so that they cannot read one file differently."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values)
+    if dtype is None:
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        dtype = np.uint8 if low >= 0 and high <= 255 else np.uint16 if low >= 0 and high <= 65535 else np.int64
+    return values.astype(dtype, copy=False)
+
+
 def label_map_from_merge(classes: Mapping[int, object] | Sequence[int],
                          merge: Mapping[int, Sequence[int]] | None) -> dict[int, int]:
     """source label value -> stage class index.

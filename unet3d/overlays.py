@@ -31,7 +31,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from unet3d.io import read_image, to_numpy, write_bytes_atomic
-from unet3d.labels import IGNORE_LABEL, map_labels
+from unet3d.labels import IGNORE_LABEL, as_label_values, map_labels
 
 REFERENCE_COLOUR = "#ffd700"  # gold; with deep sky blue, a pair that colour-blind readers also tell apart
 PREDICTION_COLOUR = "#00bfff"
@@ -74,9 +74,7 @@ def _as_labels(labels: np.ndarray, name: str, shape: tuple[int, ...]) -> np.ndar
     labels = np.asarray(labels)
     if labels.shape != shape:
         raise ValueError(f"{name} shape {labels.shape} differs from the image's {shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = np.rint(labels).astype(np.int64)
-    return labels
+    return as_label_values(labels, np.int64)
 
 
 def _foreground_per_slice(labels: np.ndarray, axis: int) -> np.ndarray:
@@ -333,10 +331,8 @@ def reference_classes(labels: np.ndarray, label_map: Mapping[int, int] | None) -
     classes only, so the ignore value, which map_labels keeps for the loss, is background here."""
     if label_map is None:
         return labels
-    labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        labels = np.rint(labels)
+    labels = as_label_values(labels, np.int64)
     # Negative values name no class (map_labels' lookup table would read them from its end).
-    mapped = map_labels(np.clip(labels, 0, None).astype(np.int64), {int(s): int(t) for s, t in label_map.items()})
+    mapped = map_labels(np.clip(labels, 0, None), {int(s): int(t) for s, t in label_map.items()})
     mapped[mapped == IGNORE_LABEL] = 0
     return mapped

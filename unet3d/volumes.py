@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import EVALUATE_DEFAULTS
-from .io import read_image, to_numpy
+from .io import read_image, read_label_image, to_numpy
 from .labels import map_labels
 
 # scipy's neighbourhood rank for a connectivity in voxels (faces, faces + edges, faces + edges + corners)
@@ -102,10 +102,7 @@ def read_training_ranges(reference_paths: Iterable[str | Path], label_map: Mappi
     classes = list(classes)
     per_case = []
     for path in reference_paths:
-        image = read_image(path)
-        label = to_numpy(image)
-        if not np.issubdtype(label.dtype, np.integer):  # a float label file holds integer values (ingestion checked)
-            label = np.round(label).astype(np.int64)
+        label, image = read_label_image(path)
         per_case.append(reference_volumes(label, image.GetSpacing(), label_map, classes))
     return training_ranges(per_case)
 
