@@ -622,6 +622,10 @@ def _generate_cohort(
 
     for index, case_id in enumerate(case_ids):
         image_paths, label_path = channel_paths(case_id), labels_dir / f"{case_id}.nii.gz"
+        # files of the other layout (a cohort regenerated with another channel count) would be taken for channels
+        for other in [images_dir / f"{case_id}.nii.gz", *images_dir.glob(f"{case_id}_[0-9][0-9][0-9][0-9].nii.gz")]:
+            if other not in image_paths:
+                other.unlink(missing_ok=True)
         entry = cases.get(case_id)
         if (
             entry is not None

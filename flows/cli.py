@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=24, help="number of synthetic cases (default 24)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per stage (default 20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels", type=int, default=1,
+                   help="image channels per case (default 1; 2+: CASE_0000 the CT, CASE_0001 its gradient magnitude)")
 
     p = sub.add_parser("ingest", help="add a cohort to the catalog (only new or changed cases are read)")
     _workspace_arg(p)
@@ -385,7 +387,7 @@ def cmd_demo(args) -> int:
         raise ValueError("--cases must be at least 10 (the split needs train, val and test cases)")
     source = ws.demo_cohort_dir
     print(f"generating {args.cases} synthetic phantom cases in {source}")
-    generate_demo_cohort(source, n_cases=args.cases, seed=args.seed)
+    generate_demo_cohort(source, n_cases=args.cases, seed=args.seed, channels=args.channels)
     config = ws.demo_config
     text = DEMO_CONFIG.format(source=source, epochs=args.epochs)
     if not config.exists() or config.read_text() != text:

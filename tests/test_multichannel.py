@@ -272,3 +272,12 @@ def test_a_case_with_other_channels_than_the_cohorts_is_quarantined_and_the_othe
     (failure,) = odd
     assert failure["case_id"] == "odd" and "odd has 1 channel(s)" in failure["error"] and "have 2" in failure["error"]
     assert cohort_channels([{"case_id": "d", "image_files": ["1.dcm", "2.dcm"], "source_kind": "dicom"}]) == (1, [])
+
+
+def test_regenerating_with_another_channel_count_leaves_one_layout(tmp_path):
+    generate_demo_cohort(tmp_path / "c", n_cases=2, shape=(12, 12, 8))
+    generate_demo_cohort(tmp_path / "c", n_cases=2, shape=(12, 12, 8), channels=2)
+    names = sorted(p.name for p in (tmp_path / "c" / "imagesTr").iterdir())
+    assert names == ["demo_000_0000.nii.gz", "demo_000_0001.nii.gz", "demo_001_0000.nii.gz", "demo_001_0001.nii.gz"]
+    generate_demo_cohort(tmp_path / "c", n_cases=2, shape=(12, 12, 8))
+    assert sorted(p.name for p in (tmp_path / "c" / "imagesTr").iterdir()) == ["demo_000.nii.gz", "demo_001.nii.gz"]
