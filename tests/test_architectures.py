@@ -128,6 +128,15 @@ def test_light_backbone_has_fewer_parameters_at_equal_widths() -> None:
     assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
 
 
+def test_light_backbone_takes_anisotropic_kernels_on_its_depthwise_convolutions() -> None:
+    strides = [(1, 1, 1), (2, 2, 1), (2, 2, 2)]
+    kernels = [(3, 3, 1), (3, 3, 3), (3, 3, 3)]
+    net = build_network("mobile_unet3d", 1, 2, features=SMALL, strides=strides, kernel_sizes=kernels)
+    depthwise = [m for m in net.encoder[0].modules() if isinstance(m, nn.Conv3d) and m.groups > 1]
+    assert [m.kernel_size for m in depthwise] == [(3, 3, 1)] * 2 and depthwise[0].padding == (1, 1, 0)
+    assert net(torch.randn(1, 1, 25, 22, 7)).shape == (1, 2, 25, 22, 7)
+
+
 def test_inverted_residual_recomputes_the_same_gradients() -> None:
     unit = InvertedResidual(6, 6, (3, 3, 1), "instance")
     x = torch.randn(2, 6, 7, 8, 5, requires_grad=True)
