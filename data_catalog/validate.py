@@ -225,7 +225,8 @@ def _not_3d_description(image) -> str:
     what = f"is {len(shape)}-D ({'x'.join(str(s) for s in shape)}"
     if len(shape) > 3:
         what += f": {shape[3]} time points or channels of {'x'.join(str(s) for s in shape[:3])}"
-    return what + "); expected a single 3-D volume (one channel)"
+    return what + ("); expected a single 3-D volume (one channel): a multi-channel case is one file per channel, "
+                   "CASE_0000, CASE_0001, ..." if len(shape) > 3 else "); expected a single 3-D volume (one channel)")
 
 
 def _first_line(exc: Exception) -> str:

@@ -281,3 +281,13 @@ def test_regenerating_with_another_channel_count_leaves_one_layout(tmp_path):
     assert names == ["demo_000_0000.nii.gz", "demo_000_0001.nii.gz", "demo_001_0000.nii.gz", "demo_001_0001.nii.gz"]
     generate_demo_cohort(tmp_path / "c", n_cases=2, shape=(12, 12, 8))
     assert sorted(p.name for p in (tmp_path / "c" / "imagesTr").iterdir()) == ["demo_000.nii.gz", "demo_001.nii.gz"]
+
+
+def test_a_4d_image_is_not_3d_with_the_channel_file_convention_named(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 6, 5, 4), np.float32), isVector=False), str(folder / "x.nii.gz"))
+    ingest(folder, "four", tmp_path / "ws")
+    issues = Catalog(tmp_path / "ws").read("issues")
+    (message,) = issues.loc[issues["code"] == "not_3d", "message"]
+    assert "is 4-D" in message and "one file per channel, CASE_0000, CASE_0001" in message, message
