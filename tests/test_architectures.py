@@ -177,3 +177,20 @@ def test_named_architectures_are_part_combinations() -> None:
     assert set(ARCHITECTURE_PARTS) == set(ARCHITECTURES)
     combos = {(p.block, p.skip, p.gate, p.slice_wise) for p in ARCHITECTURE_PARTS.values()}
     assert len(combos) == len(ARCHITECTURES)
+
+
+def test_recipe_plans_a_slice_wise_network_as_deep_as_its_slices_allow() -> None:
+    from unet3d.recipe import plan_recipe
+
+    # whole 512 x 512 CT slices, 8 of them: the depth comes from the slices' sides, not from the 8-slice stack
+    def time_fn(features, stem, batch, augment):
+        return 0.1
+
+    planned = {}
+    for architecture in ("unet2d", "unet3d"):
+        cfg = TrainConfig(architecture=architecture, features=None, time_limit_min=None)
+        planned[architecture] = plan_recipe(cfg, patch=[512, 512, 8], spacing=[0.8, 0.8, 5.0], num_classes=2,
+                                            in_channels=1, n_val_cases=0, device=torch.device("cpu"),
+                                            time_fn=time_fn).features
+    assert len(planned["unet2d"]) == 6
+    assert len(planned["unet3d"]) == 2

@@ -170,6 +170,12 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
                                      architecture=architecture)
 
     calibration: list[dict] = []
+    from .models import architecture_parts, slice_axis_for
+
+    # a slice-wise (2D) network pools within slices only: its depth comes from the in-plane sides of the patch
+    pooled = list(patch)
+    if architecture_parts(cfg.architecture).slice_wise:
+        pooled = [p for axis, p in enumerate(patch) if axis != slice_axis_for(spacing)]
     features, stem = cfg.features, cfg.stem_stride
     if features is not None and stem is None:
         stem = [1, 1, 1]
@@ -181,7 +187,7 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
     if features is None:
         if budget_s is None:
             stem = stem or [1, 1, 1]
-            features = widths(DEFAULT_FEATURES[0], stage_count(patch, max(stem)))
+            features = widths(DEFAULT_FEATURES[0], stage_count(pooled, max(stem)))
             reasons["features"] = "no time budget: the default network (base width 16)"
         else:
             ladder = CUDA_LADDER if device.type == "cuda" else CPU_LADDER
@@ -192,7 +198,7 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
             t_calibration = time.perf_counter()
             for base, s in ladder:
                 cand_stem = stem or stem_strides(spacing, s)
-                cand = widths(base, stage_count(patch, max(cand_stem)))
+                cand = widths(base, stage_count(pooled, max(cand_stem)))
                 t = time_fn(cand, cand_stem, batch, augment_guess)
                 iterations = int(budget_s * (1 - MAX_VALIDATION_SHARE) / t) if t > 0 else 0
                 calibration.append({"features": cand, "stem_stride": cand_stem, "seconds_per_iteration": round(t, 4),
