@@ -170,6 +170,11 @@ def challenge(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict, 
         row.update(decision="promoted", reason=f"first model of cohort {cohort} ({row['chain']}): no champion to "
                                                f"compare with")
         promote(path, cohort, chain, run_entry(workspace, run_id), "first", row["reason"])
+    elif not _test_cases(evaluate):
+        reason = (f"not compared: run {run_id} evaluated no test case (infer.splits {cfg.infer.splits}); the champion "
+                  f"{champion_id} stays")
+        log.warning("champion %s: %s", cohort, reason)
+        return dict(base, decision="not compared", reason=reason, new=False, cached=True)
     else:
         row.update(_compare(ws, cfg, run_id, champion_id, evaluate, progress))
         if row["decision"] == "promoted":
@@ -179,6 +184,11 @@ def challenge(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict, 
     return dict(base, **row, new=True, cached=False, table=str(table))
 
 
+def _test_cases(evaluate: dict) -> list[str]:
+    metrics = pd.read_parquet(evaluate["metrics_path"], columns=["case_id", "split"])
+    return sorted(metrics.loc[metrics["split"] == "test", "case_id"].unique())
+
+
 def _compare(ws: Workspace, cfg: PipelineConfig, run_id: str, champion_id: str, evaluate: dict,
              progress: bool) -> dict:
     """Both models on the frozen cases (the current test split: the champion's test cases plus new ones)."""
@@ -186,10 +196,7 @@ def _compare(ws: Workspace, cfg: PipelineConfig, run_id: str, champion_id: str, 
 
     final = cfg.resolved_stages()[-1].name
     metrics = pd.read_parquet(evaluate["metrics_path"])
-    frozen = sorted(metrics.loc[metrics["split"] == "test", "case_id"].unique())
-    if not frozen:
-        raise ValueError(f"champion: run {run_id} evaluated no test case; infer.splits must include test to compare "
-                         f"it with the champion {champion_id}")
+    frozen = _test_cases(evaluate)
     cases = labelled_cases(str(ws.root), cfg)
     champion_rows = _champion_metrics(ws, cfg, champion_id, cases[cases["case_id"].isin(frozen)], progress)
     champion = case_scores(champion_rows, final)
