@@ -82,7 +82,8 @@ def _labels_match_the_data(cfg: PipelineConfig, result, errors: pd.DataFrame) ->
     example = undeclared.sort_values("case_id").iloc[0]
     raise ConfigError(f"labels: no usable case in cohort {cfg.cohort.name!r}: {undeclared['case_id'].nunique()} of "
                       f"{result.n_cases} cases hold label values that labels {sorted(cfg.labels)} "
-                      f"does not declare (e.g. {example['case_id']}: {example['message']})")
+                      f"does not declare (e.g. {example['case_id']}: {example['message']}); a value that marks "
+                      f"unannotated voxels (sparse labels) is declared as ignore_label")
 
 
 # ---------------------------------------------------------------------------------------------------------
