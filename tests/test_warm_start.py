@@ -99,7 +99,8 @@ def test_warm_start_identity_differs_from_a_cold_start_and_by_source(tmp_path):
 
 @pytest.mark.parametrize("change, key", [(dict(classes={1: "outer"}), "classes"),
                                          (dict(architecture="residual_unet3d"), "architecture"),
-                                         (dict(features=[8, 16, 32]), "features")])
+                                         (dict(features=[8, 16, 32]), "features"),
+                                         (dict(block="residual"), "block")])
 def test_warm_start_from_another_model_is_refused_by_name(tmp_path, change, key):
     data = tmp_path / "data"
     source = tmp_path / "source"

@@ -396,6 +396,17 @@ def load_warm_start(spec: TrainSpec, cfg: TrainConfig) -> WarmStart:
     return WarmStart(model, list(meta["patch_size"]), state.get("model", state), dict(source))
 
 
+def _check_warm_start_parts(spec: TrainSpec, warm: WarmStart, model_config: dict) -> None:
+    """The settings known only once the data is loaded (input channels) or given as parts of the network (block,
+    skip, gate, a slice-wise network's axis) must be the source's too."""
+    for key in ("in_channels", "block", "skip", "gate", "slice_axis"):
+        theirs, ours = warm.model_config.get(key), model_config.get(key)
+        if theirs != ours:
+            raise ValueError(f"stage {spec.stage}: train.init_from {warm.source['init_from']!r}: the source's {key} is "
+                             f"{theirs}, this stage's is {ours}: a warm start needs the same architecture, classes "
+                             f"and network shape")
+
+
 def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     cfg = TrainConfig.model_validate(spec.train)
     warm = load_warm_start(spec, cfg) if spec.init_from else None
@@ -501,6 +512,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         **({"slice_axis": slice_axis} if slice_axis is not None else {}),
     }
     if warm is not None:  # the source's topology exactly (its strides and kernels), so that its weights fit
+        _check_warm_start_parts(spec, warm, model_config)
         model_config = dict(warm.model_config)
     model = build_model_from_config(model_config)
     if warm is not None:
