@@ -438,8 +438,9 @@ class UNet3D(nn.Module):
     CPU; the planner in :mod:`unet3d.recipe` picks it for short CPU budgets).
 
     slice_axis (0, 1 or 2; None: volumetric): a slice-wise (2D) network. Strides, kernels and the stem are 1 along
-    that axis, and forward folds the axis into the batch: every slice is one 2D sample, normalised on its own, so
-    a slice's logits depend on that slice only, however many slices a patch or a sliding window holds.
+    that axis, and forward folds the axis into the batch: every slice is one 2D sample, normalised on its own
+    (instance and group norm; batch norm's training statistics span the batch of slices, as in any 2D training),
+    so at inference a slice's logits depend on that slice only, however many slices a window holds.
 
     forward: (B, in_channels, X, Y, Z) -> (B, num_classes, X, Y, Z) logits; in training mode with deep supervision a
     list [full resolution, stage 1, ..., stage L-1] of logits (with a stem: [full resolution, stage 0, ...]).
