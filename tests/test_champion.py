@@ -86,7 +86,7 @@ ONE_STAGE = [{"name": "organ", "classes": {1: "organ"}, "merge": {1: [1, 2]}}]
 
 
 def _config(tmp_path: Path, cohort: Path, name: str, **train) -> Path:
-    base = {"max_epochs": 6, "iterations_per_epoch": 4, "postprocess": "none", "deterministic": True}
+    base = {"max_epochs": 5, "iterations_per_epoch": 4, "val_every": 5, "postprocess": "none", "deterministic": True}
     path = write_config(tmp_path / f"{name}.yaml", cohort, stages=ONE_STAGE, train=dict(base, **train),
                         infer={"tta": False})
     cfg = yaml.safe_load(path.read_text())
@@ -197,6 +197,12 @@ def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path
     assert payload["margin"] == 0.01 and payload["ci_low"] == pytest.approx(row["ci_low"])
     report2 = (ws / "reports" / "runs" / run2 / "report.md").read_text()
     assert "**rejected** against champion" in report2 and (ws / "reports" / "runs" / run2 / "history.png").exists()
+
+    # the same night again, nothing new: every stage cached, the decision read back (not made again), still said
+    again = pipeline_flow(config_path=str(worse), workspace=str(ws), return_state=True)
+    assert again.is_completed() and again.message.startswith(f"challenger {run2} rejected, champion {run1} stays")
+    assert all(_cached(again.result()).values()), _cached(again.result())
+    assert len(read_table(ws / "reports" / "decisions")) == 2
 
     # night 3: a fine-tune from the champion with a short budget and a small learning rate
     tune = _config(tmp_path, tiny_cohort, "tune", init_from="champion", max_epochs=1, iterations_per_epoch=2,
