@@ -361,22 +361,19 @@ def _add_msd_test_images(root: Path, cases: dict[str, SourceCase], seen_images: 
         cases[case.case_id] = case
 
 
-def discover_unlabelled(source: str | Path) -> Source:
-    """A folder of scans without labels (`cohort.unlabelled_source`): each image file (files CASE_0000, CASE_0001 ...
-    are one case), or each DICOM series when the folder holds no image file, is an unlabelled case. No file is
-    taken for a mask here, whatever its name."""
+def discover_unlabelled(source: str | Path, n_channels: int = 1) -> Source:
+    """A folder of scans without labels (`cohort.unlabelled_source`): each image file, or each DICOM series when the
+    folder holds no image file, is an unlabelled case. No file is taken for a mask here, whatever its name.
+    `n_channels`: the cohort's channels per case (data_catalog.channels): a scan's files CASE_0000, CASE_0001 ... are
+    its channels, and a scan lacking one is channel_missing; in a single-channel cohort only CASE_0000 is read."""
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
         raise IngestError(f"unlabelled source folder {source} does not exist")
     entries = _image_files(root)
     if entries:
+        groups = channel_groups(link for link, _target in entries)
         cases: dict[str, SourceCase] = {}
-        for link, target in entries:
-            cid = _case_id_from_file(link)
-            channel_file = strip_image_suffix(link.name) != cid
-            if cid in cases and channel_file and cases[cid].image_files and target is not None:
-                cases[cid].image_files.append(str(target))  # sorted by name: channel order
-                continue
+        for link, target, cid in first_file_per_case([(lk, t, _case_id_from_file(lk)) for lk, t in entries], groups):
             case = SourceCase(case_id=cid, image_files=[str(target)] if target else None, label_path=None,
                               source_kind="folder", unlabelled=True,
                               issues=[] if target else [_outside_issue(root, link)])
@@ -385,8 +382,13 @@ def discover_unlabelled(source: str | Path) -> Source:
                                                                     f"give case id {cid}"))
                 case.case_id = f"{cid}__{link.name}"
             cases[case.case_id] = case
-        src = Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None,
-                     [f"{len(cases)} unlabelled scans in {root}"])
+        notes = [f"{len(cases)} unlabelled scans in {root}"]
+        notes += attach_channels(cases.values(), groups, n_channels, dict(entries).get, lambda p: _outside_issue(root, p))
+        ignored = sorted(p.name for g in groups.values() for channel, p in g.items() if channel >= 1)
+        if n_channels == 1 and ignored:
+            notes.append(f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''} ignored: the cohort's cases "
+                         f"have one channel (CASE_0000)")
+        src = Source("folder", root, sorted(cases.values(), key=lambda c: c.case_id), None, None, notes)
     else:
         src = _discover_dicom(root, None)
         if not src.cases:

@@ -92,7 +92,8 @@ def ingest(
     without labels (data_catalog.discover.discover_unlabelled) that joins the cohort as unlabelled cases."""
     src = discover(source, labels)
     if unlabelled is not None:
-        _add_unlabelled(src, discover_unlabelled(unlabelled))
+        # the scans need the channels of the cohort's cases (the models' inputs)
+        _add_unlabelled(src, discover_unlabelled(unlabelled, max((c.n_channels for c in src.cases), default=1)))
     declared = declared_labels or src.declared_labels
     if declared and ignore_label is not None:  # sparse labels: unannotated voxels carry the ignore value
         declared = {**declared, int(ignore_label): "ignore"}

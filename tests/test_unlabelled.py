@@ -102,6 +102,28 @@ def test_unlabelled_scans_get_every_image_check(tmp_path, scans):
     assert cases.loc["fine", "status"] == "ok" and cases.loc["fine", "unlabelled"]
 
 
+def test_unlabelled_scans_of_a_multichannel_cohort_need_every_channel(tmp_path):
+    from data_catalog.demo import generate_demo_cohort
+
+    source = generate_demo_cohort(tmp_path / "cohort", n_cases=6, seed=1, shape=SHAPE, base_spacing=SPACING, channels=2)
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for channel in (0, 1):
+        shutil.copy(source / "imagesTr" / f"demo_005_000{channel}.nii.gz", folder / f"scan_a_000{channel}.nii.gz")
+    shutil.copy(source / "imagesTr" / "demo_004_0000.nii.gz", folder / "scan_b_0000.nii.gz")  # channel 1 missing
+    _, cases, issues = _ingest(source, tmp_path / "ws", folder)
+    assert cases.loc["scan_a", "status"] == "ok" and cases.loc["scan_a", "unlabelled"]
+    assert [Path(f).name for f in cases.loc["scan_a", "image_files"]] == ["scan_a_0000.nii.gz", "scan_a_0001.nii.gz"]
+    assert cases.loc["scan_b", "status"] == "quarantined"
+    assert set(issues.loc[issues["case_id"] == "scan_b", "code"]) == {"channel_missing"}
+
+    # a single-channel cohort: a scan's file of channel 1 is not a channel of its case (the models take one)
+    single = _cohort(tmp_path / "single", n_cases=10)
+    result, cases, _ = _ingest(single, tmp_path / "ws1", folder)
+    assert [Path(f).name for f in cases.loc["scan_a", "image_files"]] == ["scan_a_0000.nii.gz"]
+    assert any("scan_a_0001.nii.gz" in note and "one channel" in note for note in result.notes)
+
+
 def test_config_unlabelled_source_is_resolved_and_checked(tmp_path):
     from flows.preflight import check_sources
     from unet3d.config import ConfigError, load_config
