@@ -20,8 +20,11 @@ PROGRESS_BAR = re.compile(r"\d+%\||\d+/\d+ \[\d+:\d+<")
 
 
 def unet3d(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    # UTF-8 both ways, whatever this process's locale is (GDCM's DICOM reader, run by earlier tests in the same
+    # process, can leave it at C/ASCII, and the progress bars are UTF-8)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, capture_output=True,
+                          encoding="utf-8", timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8"))
 
 
 def console_lines(text: str) -> list[str]:
