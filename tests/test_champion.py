@@ -158,7 +158,8 @@ def _model_json(result: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path):
+def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path, capsys):
+    from flows.cli import main as cli
     from flows.pipeline import pipeline_flow
     from unet3d.report_tables import read_table
 
@@ -223,22 +224,27 @@ def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path
     assert len(read_table(ws / "reports" / "decisions")) == 3
 
     # history: every night's test Dice, oldest first, in the console and in the report's PNG
-    out = _cli("report", "--history", "--workspace", str(ws)).stdout
+    capsys.readouterr()
+
+    def command(*args: str, code: int = 0) -> str:  # in this process: the commands after a run need no new one
+        assert cli([*args, "--workspace", str(ws)]) == code
+        return capsys.readouterr().out
+
+    out = command("report", "--history")
     lines = [line for line in out.splitlines() if line.startswith("tiny-")]
     assert [line.split()[0] for line in lines] == [run1, run2, run3], out
     assert "![history](history.png)" in (ws / "reports" / "runs" / run3 / "report.md").read_text()
 
     # promotion and rollback by hand, one command each; predict with the champion
-    out = _cli("promote", run2, "--workspace", str(ws), "--reason", "chosen by the radiologist").stdout
+    out = command("promote", run2, "--reason", "chosen by the radiologist")
     assert f"run {run2}" in out and current_champion(read_registry(registry_path))["run_id"] == run2
-    _cli("rollback", "--workspace", str(ws))
+    command("rollback")
     registry = read_registry(registry_path)
     assert current_champion(registry)["run_id"] == run3
     assert [(h["action"], h["how"], h["run_id"]) for h in registry["history"]] == [
         ("promote", "first", run1), ("promote", "challenge", run3), ("promote", "manual", run2),
         ("rollback", "manual", run3)]
-    assert _cli("promote", run3, "--workspace", str(ws), check=False).returncode == 1
+    command("promote", run3, code=1)
     image = sorted((tiny_cohort / "imagesTr").glob("*.nii.gz"))[0]
-    out = _cli("predict", "--model", "champion", "-i", str(image), "-o", str(tmp_path / "pred"),
-               "--workspace", str(ws))
-    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1, out.stdout
+    out = command("predict", "--model", "champion", "-i", str(image), "-o", str(tmp_path / "pred"))
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1, out
