@@ -31,7 +31,6 @@ from unet3d.config import ConfigError, PipelineConfig, StageConfig
 from .cache_keys import (labelled_cases, model_identity, plan_id_of, run_id_for, spacing_factors,
                          split_fingerprint, stage1_cache_identity, train_settings, warm_start_source)
 from .caching import drop_marker, to_data, write_marker
-from .champion import append_report_sections
 
 log = logging.getLogger("flows.stages")
 
@@ -511,6 +510,8 @@ def run_report(workspace: str, cfg: PipelineConfig, key: str, evaluate: dict) ->
     fill_in = pd.read_parquet(evaluate["fill_in_path"]) if evaluate.get("fill_in_path") else None
     md = write_markdown_report(ws.run_report_dir(run_id), run_id, summary, metrics, _overlay_cases(ws, cfg, run_id, metrics),
                                lesions=lesions, title=f"{cfg.cohort.name}: run {run_id}", fill_in=fill_in)
+    from .champion import append_report_sections  # (scipy: imported where a report is written, not by every command)
+
     md = append_report_sections(workspace, cfg, run_id, md)  # the champion / challenger decision, the history PNG
     table = format_summary(summary)
     log.info("report %s:\n%s", run_id, table)
