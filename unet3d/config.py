@@ -49,9 +49,6 @@ class CohortConfig(_Section):
     # a folder of scans without labels (images or DICOM series), ingested into the same cohort as unlabelled
     # cases: validated, preprocessed and segmented, never in train/val/test; resolved as `source` is
     unlabelled_source: str | None = None
-    # a folder of scans without labels (images or DICOM series), ingested into the same cohort as unlabelled
-    # cases: validated, preprocessed and segmented, never in train/val/test; resolved as `source` is
-    unlabelled_source: str | None = None
     # sparse annotation: a folder of dense (complete) labels of sparsely annotated cases, matched by case id; the
     # evaluate stage then scores the filled-in (unannotated) voxels of every predicted case that has one
     dense_labels_dir: str | None = None
@@ -410,8 +407,6 @@ def parse_config(data: dict[str, Any], base_dir: str | Path | None = None) -> Pi
         cfg.cohort.source = _resolve(cfg.cohort.source, base_dir)
     if cfg.cohort.labels_dir is not None:
         cfg.cohort.labels_dir = _resolve(cfg.cohort.labels_dir, base_dir)
-    if cfg.cohort.unlabelled_source is not None:
-        cfg.cohort.unlabelled_source = _resolve(cfg.cohort.unlabelled_source, base_dir)
     if cfg.cohort.unlabelled_source is not None:
         cfg.cohort.unlabelled_source = _resolve(cfg.cohort.unlabelled_source, base_dir)
     if cfg.cohort.dense_labels_dir is not None:

@@ -90,6 +90,18 @@ LESIONS_SCHEMA: pa.Schema = pa.schema(
     ]
 )
 
+#: Sparse annotation: one row per stage x case x class of a case with a dense reference (cohort.dense_labels_dir):
+#: Dice of the prediction on the voxels its sparse label leaves unannotated (the filled-in part, unet3d.sparse).
+FILL_IN_SCHEMA: pa.Schema = pa.schema(
+    [
+        *_CASE_FIELDS,
+        ("n_unannotated", pa.int64()),  # voxels of the case without annotation
+        ("ref_voxels", pa.int64()),  # the class's voxels among them, in the dense reference
+        ("pred_voxels", pa.int64()),  # ... and in the prediction
+        ("dice", pa.float64()),
+    ]
+)
+
 #: One row per segmented scan x structure of the final stage (unet3d.volumes): the segment stage's table.
 VOLUMES_SCHEMA: pa.Schema = pa.schema(
     [
@@ -109,18 +121,6 @@ VOLUMES_SCHEMA: pa.Schema = pa.schema(
         ("train_min_ml", pa.float64()),
         ("train_max_ml", pa.float64()),
         ("prediction_path", pa.string()),  # relative to the workspace
-    ]
-)
-
-#: Sparse annotation: one row per stage x case x class of a case with a dense reference (cohort.dense_labels_dir):
-#: Dice of the prediction on the voxels its sparse label leaves unannotated (the filled-in part, unet3d.sparse).
-FILL_IN_SCHEMA: pa.Schema = pa.schema(
-    [
-        *_CASE_FIELDS,
-        ("n_unannotated", pa.int64()),  # voxels of the case without annotation
-        ("ref_voxels", pa.int64()),  # the class's voxels among them, in the dense reference
-        ("pred_voxels", pa.int64()),  # ... and in the prediction
-        ("dice", pa.float64()),
     ]
 )
 
