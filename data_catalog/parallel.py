@@ -245,6 +245,36 @@ def infer_on_cluster(client, jobs, refs, plans, overlap: float, tta: bool, batch
     return InferenceSummary(outcomes)
 
 
+def infer_jobs(jobs, refs, plans, pre, infer, resume: bool = True, progress: bool = True, desc: str = "infer"):
+    """unet3d.inference.infer_cases over `jobs` with the models of `refs` (unet3d.inference.ModelRef): on the Dask
+    cluster of `pre` (PreprocessConfig: workers, dask_address, memory_limit) when more than one case is pending
+    and there is more than one worker or an address, else in this process; `infer` (InferConfig) gives overlap,
+    TTA and batch size. Where the work runs changes no output (tests/test_distributed_infer.py)."""
+    from unet3d.inference import StageModel, infer_cases, job_pending
+
+    pending = sum(job_pending(job, resume) for job in jobs)
+    with case_client(pending, pre.workers, pre.dask_address, pre.memory_limit) as client:
+        if client is not None:  # each worker loads the models once, keyed by the checkpoint's sha256
+            return infer_on_cluster(client, jobs, refs, plans, infer.overlap, infer.tta, infer.batch_size,
+                                    resume=resume, progress=progress, desc=desc)
+        models = [StageModel.load(r.model_dir, device=r.device, checkpoint=r.checkpoint, margin_mm=r.margin_mm)
+                  for r in refs] if pending else []  # nothing to predict: no model to load
+        return infer_cases(jobs, models, plans, infer.overlap, infer.tta, infer.batch_size, resume=resume,
+                           progress=progress, desc=desc)
+
+
+def evaluate_jobs(cases, stages, cohort: str, model: str, pre, connectivity: int,
+                  progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """unet3d.evaluation.evaluate_cases (metric rows, lesion rows), on the Dask cluster of `pre` when there are
+    several cases and workers, else in this process: the same rows in the same order either way."""
+    from unet3d.evaluation import evaluate_cases
+
+    with case_client(len(cases), pre.workers, pre.dask_address, pre.memory_limit) as client:
+        if client is None:
+            return evaluate_cases(cases, stages, cohort, model, connectivity, progress=progress)
+        return evaluate_on_cluster(client, cases, stages, cohort, model, connectivity, progress=progress)
+
+
 def _evaluate_item(item: dict, stages, cohort: str, model: str, connectivity: int) -> dict:
     from unet3d.evaluation import evaluate_case
 

@@ -55,7 +55,7 @@ STAGE_SOURCES = {
               "flows.stages:run_train", "flows.stages:_train_spec", "flows.cache_keys:train_settings"],
     "infer": ["unet3d/inference.py", "unet3d/case_folder.py", "unet3d/models.py", "unet3d/postprocess.py",
               "unet3d/sliding_window.py", "unet3d/resample.py", "unet3d/io.py", "flows.stages:run_infer", "flows.stages:_prediction_jobs",
-              "flows.stages:_write_run_record"],
+              "flows.stages:_model_refs", "flows.stages:_write_run_record"],
     "evaluate": ["unet3d/evaluation.py", "unet3d/metrics.py", "unet3d/labels.py", "unet3d/io.py",
                  "unet3d/report_tables.py", "unet3d/sparse.py", "flows.stages:run_evaluate",
                  "flows.stages:_evaluate_fill_in"],
@@ -68,7 +68,7 @@ STAGE_SOURCES = {
 # chain's identity (SEGMENTATION_SOURCES), so a change to the volumes table recomputes the table, not the scans.
 STAGE_SOURCES["segment"] = ["unet3d/volumes.py", "unet3d/report_tables.py", "unet3d/labels.py", "unet3d/io.py",
                             "flows.stages:run_segment", "flows.stages:serving_models", "flows.stages:_segment_jobs",
-                            "flows.stages:_volume_rows", "flows.cache_keys:unlabelled_cases"]
+                            "flows.stages:_model_refs", "flows.stages:_record_segmented", "flows.stages:_volume_rows", "flows.cache_keys:unlabelled_cases"]
 SEGMENTATION_SOURCES = ["unet3d/inference.py", "unet3d/case_folder.py", "unet3d/models.py", "unet3d/postprocess.py",
                         "unet3d/sliding_window.py", "unet3d/resample.py", "unet3d/io.py"]
 

@@ -121,8 +121,9 @@ def _champion_metrics(ws: Workspace, cfg: PipelineConfig, champion_id: str, case
                       progress: bool) -> pd.DataFrame:
     """The champion's final-stage metric rows on `cases`: its predictions under its own run (those it made
     before are kept; new cases are predicted now with its models, plans and inference settings)."""
-    from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
-    from unet3d.inference import PredictionJob, StageModel, infer_cases
+    from data_catalog.parallel import evaluate_jobs, infer_jobs
+    from unet3d.evaluation import EvaluatedCase, EvaluatedStage
+    from unet3d.inference import ModelRef, PredictionJob
 
     from data_catalog.case_worker import case_records
     from .stages import read_run_record
@@ -136,17 +137,19 @@ def _champion_metrics(ws: Workspace, cfg: PipelineConfig, champion_id: str, case
         jobs.append(PredictionJob(case["case_id"], {s["name"]: ws.prediction_path(champion_id, s["name"], case["case_id"])
                                                     for s in record["stages"]},
                                   case_dirs=[store.case_dir(p["plan_id"], case) for p in plans] if ready else None))
-    infer = record["config"].get("infer", {})
-    models = [StageModel.load(s["model_dir"], device=cfg.train.device,
-                              margin_mm=s["margin_mm"] if s.get("roi_from") else None) for s in record["stages"]]
-    infer_cases(jobs, models, plans, infer.get("overlap", cfg.infer.overlap), infer.get("tta", cfg.infer.tta),
-                cfg.infer.batch_size, progress=progress, desc="champion")
+    # the champion's own overlap and TTA (what its predictions were made with), this run's batch size
+    own = record["config"].get("infer", {})
+    infer = cfg.infer.model_copy(update={k: own[k] for k in ("overlap", "tta") if k in own})
+    refs = [ModelRef.of(s["model_dir"], device=cfg.train.device, margin_mm=s["margin_mm"] if s.get("roi_from") else None)
+            for s in record["stages"]]
+    infer_jobs(jobs, refs, plans, cfg.preprocess, infer, progress=progress, desc="champion")
     final = cfg.resolved_stages()[-1]
-    stage = EvaluatedStage(final.name, dict(final.classes), final.label_map())
+    # scored as run_evaluate scores the challenger (the same ignore value), so that the two are comparable
+    stage = EvaluatedStage(final.name, dict(final.classes), final.label_map(), ignore_value=cfg.ignore_label)
     evaluated = [EvaluatedCase(c["case_id"], "test", c["label_path"], {final.name: j.targets[final.name]})
                  for c, j in zip(case_records(cases), jobs)]
-    rows, _ = evaluate_cases(evaluated, [stage], cfg.cohort.name, "champion",
-                             cfg.evaluate.lesion_connectivity, progress=progress)
+    rows, _ = evaluate_jobs(evaluated, [stage], cfg.cohort.name, "champion", cfg.preprocess,
+                            cfg.evaluate.lesion_connectivity, progress=progress)
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["stage", "case_id", "class_name", METRIC])
 
 

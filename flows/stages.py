@@ -229,6 +229,15 @@ def _write_run_record(ws: Workspace, cfg: PipelineConfig, run_id: str, trains: l
     return write_json_atomic(ws.run_record(run_id), record, indent=1, default=str)
 
 
+def _model_refs(cfg: PipelineConfig, trains: list[dict]) -> list:
+    """Each stage's model (train-stage results, in stage order) as a unet3d.inference.ModelRef: its folder, its
+    checkpoint's sha256 as the train stage recorded it, the inference device and the stage's ROI margin."""
+    from unet3d.inference import ModelRef
+
+    return [ModelRef.of(t["model_dir"], device=cfg.train.device, margin_mm=s.margin_mm if s.roi_from else None,
+                        sha256=t.get("checkpoint_sha256")) for t, s in zip(trains, cfg.resolved_stages())]
+
+
 def _prediction_jobs(ws: Workspace, cfg: PipelineConfig, run_id: str, plans: list[dict], stage1_cache: str | None):
     """(chosen cases with their split, one PredictionJob per case: its preprocessed folders if every stage's
     plan has them, its prediction files, its stage-1 cache file)."""
@@ -254,8 +263,7 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
     (--refresh infer): this run's predictions and the stage-1 cache are removed first and recomputed.
     Cases are predicted on the preprocessing stage's Dask cluster (data_catalog/parallel.py) when more than
     one case is pending and there is more than one worker (or a `dask_address`), else in this process."""
-    from data_catalog.parallel import case_client, infer_on_cluster
-    from unet3d.inference import ModelRef, StageModel, infer_cases, job_pending
+    from data_catalog.parallel import infer_jobs
 
     ws, run_id, stages = Workspace(workspace), run_id_for(cfg, key), cfg.resolved_stages()
     store = PreprocessedStore(workspace, cfg.cohort.name)
@@ -270,18 +278,7 @@ def run_infer(workspace: str, cfg: PipelineConfig, key: str, trains: list[dict],
         log.info("infer %s: --refresh infer: previous predictions and stage-1 cache removed", run_id)
     record_path = _write_run_record(ws, cfg, run_id, trains, plans)
     chosen, jobs = _prediction_jobs(ws, cfg, run_id, plans, cache_id)
-    margins = [s.margin_mm if s.roi_from else None for s in stages]
-    pre, infer = cfg.preprocess, cfg.infer
-    with case_client(sum(map(job_pending, jobs)), pre.workers, pre.dask_address, pre.memory_limit) as client:
-        if client is None:
-            models = [StageModel.load(t["model_dir"], device=cfg.train.device, margin_mm=m)
-                      for t, m in zip(trains, margins)]
-            done = infer_cases(jobs, models, plans, infer.overlap, infer.tta, infer.batch_size, progress=progress)
-        else:  # each worker loads the models once, keyed by the checkpoint's sha256 from the train stage
-            refs = [ModelRef.of(t["model_dir"], device=cfg.train.device, margin_mm=m, sha256=t.get("checkpoint_sha256"))
-                    for t, m in zip(trains, margins)]
-            done = infer_on_cluster(client, jobs, refs, plans, infer.overlap, infer.tta, infer.batch_size,
-                                    progress=progress)
+    done = infer_jobs(jobs, _model_refs(cfg, trains), plans, cfg.preprocess, cfg.infer, progress=progress)
     log.info("infer %s: %d cases predicted, %d already predicted, %d warnings -> %s", run_id, done.predicted,
              done.resumed, len(done.warnings), ws.predictions_dir(run_id))
     return _finish(workspace, "infer", key, {
@@ -323,12 +320,30 @@ def _segment_jobs(ws: Workspace, cfg: PipelineConfig, chain: str, models: list[d
     return items
 
 
-def _volume_rows(ws: Workspace, cfg: PipelineConfig, chain: str, items: list, ranges: dict) -> list[dict]:
-    """The volumes table's rows (unet3d.volumes) of every segmented scan, from its written labels."""
-    from unet3d.volumes import read_scan_rows
+def _record_segmented(items: list, done, chain: str) -> list[str]:
+    """A record per scan segmented now (written after its labels: its presence says the chain segmented it);
+    returns the scans that could not be segmented (not preprocessed)."""
+    from unet3d.io import write_json_atomic
+
+    records = {job.case_id: (case, record) for case, job, record in items}
+    for outcome in done.outcomes:
+        if outcome.written:
+            case, record = records[outcome.case_id]
+            write_json_atomic(record, {"case_id": outcome.case_id, "image_sha256": case["image_sha256"], "chain": chain,
+                                       "roi_found": outcome.roi_found, "warnings": outcome.warnings}, indent=1)
+    return sorted(o.case_id for o in done.outcomes if not o.written)
+
+
+def _volume_rows(ws: Workspace, cfg: PipelineConfig, chain: str, items: list) -> list[dict]:
+    """The volumes table's rows (unet3d.volumes) of every segmented scan, from its written labels, with the QC
+    ranges of the training split's reference volumes."""
+    from unet3d.volumes import read_scan_rows, read_training_ranges
 
     stages = cfg.resolved_stages()
     final = stages[-1]
+    labelled = labelled_cases(str(ws.root), cfg)
+    ranges = read_training_ranges(labelled.loc[labelled["split"] == "train", "label_path"], final.label_map(),
+                                  final.classes)
     rows = []
     for case, job, record in items:
         if not record.exists():
@@ -348,19 +363,16 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
     models with the same settings is kept, whichever run did it), then write the run's volumes table: one row per
     scan and structure of the final stage, with its QC flags (unet3d.volumes). `refresh` (--refresh segment): the
     chain's segmentations are removed first and every scan is segmented again."""
-    from data_catalog.parallel import case_client, infer_on_cluster
-    from unet3d.inference import InferenceSummary, ModelRef, StageModel, infer_cases
-    from unet3d.io import write_json_atomic
+    from data_catalog.parallel import infer_jobs
     from unet3d.report_tables import VOLUMES_SCHEMA, write_partition
-    from unet3d.volumes import VOLUME_OUTLIER_RULE, read_training_ranges
+    from unet3d.volumes import VOLUME_OUTLIER_RULE
 
     from .cache_keys import segment_chain_identity, unlabelled_cases
 
     ws, cohort, stages = Workspace(workspace), cfg.cohort.name, cfg.resolved_stages()
     if len(models) != len(stages):
         raise ValueError(f"segment: {len(models)} serving models for the {len(stages)} stages of the config")
-    store = PreprocessedStore(workspace, cohort)
-    plans = [store.load_plan(m["plan_id"]) for m in models]
+    plans = [PreprocessedStore(workspace, cohort).load_plan(m["plan_id"]) for m in models]
     chain = segment_chain_identity(cfg, models)
     if refresh:
         drop_marker(workspace, "segment", key)
@@ -370,33 +382,10 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
     # a scan is done when its record is written (after its labels) and its labels are still there
     todo = [job for _case, job, record in items
             if not (record.exists() and all(Path(p).exists() for p in job.targets.values()))]
-    margins = [s.margin_mm if s.roi_from else None for s in stages]
-    pre, infer = cfg.preprocess, cfg.infer
-    with case_client(len(todo), pre.workers, pre.dask_address, pre.memory_limit) as client:
-        if not todo:
-            done = InferenceSummary([])
-        elif client is None:
-            loaded = [StageModel.load(m["model_dir"], device=cfg.train.device, margin_mm=mm) for m, mm in zip(models, margins)]
-            done = infer_cases(todo, loaded, plans, infer.overlap, infer.tta, infer.batch_size, resume=False,
-                               progress=progress, desc="segment")
-        else:
-            refs = [ModelRef.of(m["model_dir"], device=cfg.train.device, margin_mm=mm, sha256=m.get("checkpoint_sha256"))
-                    for m, mm in zip(models, margins)]
-            done = infer_on_cluster(client, todo, refs, plans, infer.overlap, infer.tta, infer.batch_size, resume=False,
-                                    progress=progress, desc="segment")
-    records = {job.case_id: (case, record) for case, job, record in items}
-    for outcome in done.outcomes:
-        if outcome.written:
-            case, record = records[outcome.case_id]
-            write_json_atomic(record, {"case_id": outcome.case_id, "image_sha256": case["image_sha256"], "chain": chain,
-                                       "roi_found": outcome.roi_found, "warnings": outcome.warnings}, indent=1)
-    not_preprocessed = sorted(o.case_id for o in done.outcomes if not o.written)
-
-    final = stages[-1]
-    labelled = labelled_cases(workspace, cfg)
-    ranges = read_training_ranges(labelled.loc[labelled["split"] == "train", "label_path"], final.label_map(),
-                                  final.classes)
-    rows = _volume_rows(ws, cfg, chain, items, ranges)
+    done = infer_jobs(todo, _model_refs(cfg, models), plans, cfg.preprocess, cfg.infer, resume=False,
+                      progress=progress, desc="segment")
+    not_preprocessed = _record_segmented(items, done, chain)
+    rows = _volume_rows(ws, cfg, chain, items)
     run_date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     volumes_path = write_partition(pd.DataFrame(rows, columns=VOLUMES_SCHEMA.names), ws.volumes_table, run_date,
                                    run_id, VOLUMES_SCHEMA) if items else None
@@ -419,8 +408,8 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
 def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, progress: bool = True) -> dict:
     """Metric and lesion rows of every case, on the preprocessing stage's Dask cluster when there are several
     cases and workers (the same rows in the same order as in one process)."""
-    from data_catalog.parallel import case_client, evaluate_on_cluster
-    from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
+    from data_catalog.parallel import evaluate_jobs
+    from unet3d.evaluation import EvaluatedCase, EvaluatedStage
     from unet3d.report_tables import LESIONS_SCHEMA, METRICS_SCHEMA, write_partition
 
     ws, run_id = Workspace(workspace), infer["run_id"]
@@ -432,14 +421,8 @@ def run_evaluate(workspace: str, cfg: PipelineConfig, key: str, infer: dict, pro
               for s in cfg.resolved_stages()]
     cases = [EvaluatedCase(cid, split, references[cid], {s.name: ws.prediction_path(run_id, s.name, cid) for s in stages})
              for cid, split in sorted(infer["splits"].items())]
-    pre, connectivity = cfg.preprocess, cfg.evaluate.lesion_connectivity
-    with case_client(len(cases), pre.workers, pre.dask_address, pre.memory_limit) as client:
-        if client is None:
-            rows, lesion_rows = evaluate_cases(cases, stages, cfg.cohort.name, cfg.train.architecture, connectivity,
-                                               progress=progress)
-        else:
-            rows, lesion_rows = evaluate_on_cluster(client, cases, stages, cfg.cohort.name, cfg.train.architecture,
-                                                    connectivity, progress=progress)
+    rows, lesion_rows = evaluate_jobs(cases, stages, cfg.cohort.name, cfg.train.architecture, cfg.preprocess,
+                                      cfg.evaluate.lesion_connectivity, progress=progress)
     if not rows:
         raise ValueError(f"run {run_id}: no prediction to evaluate in {ws.predictions_dir(run_id)}")
     metrics_path = write_partition(pd.DataFrame(rows), ws.report_table("metrics"), run_date, run_id, METRICS_SCHEMA)
