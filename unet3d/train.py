@@ -579,8 +579,12 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
 
     stopped_by = "max_epochs"
     step = start_epoch * iters
-    bar = tqdm(range(start_epoch, max_epochs), desc=f"train {spec.stage}", unit="epoch", disable=not (progress and is_main),
-               initial=start_epoch, total=max_epochs, leave=False)
+    # A time budget ends the run, not max_epochs (then unbounded): the bar counts epochs and shows the budget
+    # left, instead of a total and an ETA of hundreds of hours.
+    epochs = range(start_epoch, max_epochs)
+    bar = tqdm(epochs if time_limit_s is None else iter(epochs), desc=f"train {spec.stage}", unit="epoch",
+               disable=not (progress and is_main), initial=start_epoch,
+               total=max_epochs if time_limit_s is None else None, leave=False)
     seed = cfg.seed
     epoch = start_epoch - 1
     for epoch in bar:
@@ -655,7 +659,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             _write_log(history, log_path)
             if (epoch + 1) % 10 == 0:
                 _write_curve(history, curve_path, spec.stage)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row.get('val_dice_mean', float('nan')):.3f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{row.get('val_dice_mean', float('nan')):.3f}",
+                            **({"left": f"{max(0.0, time_limit_s - elapsed) / 60:.1f} min"} if time_limit_s else {}))
         if world > 1:
             dist.barrier()
         if time_limit_s is not None and len(losses) < iters:
