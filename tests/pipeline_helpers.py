@@ -29,6 +29,29 @@ def write_config(path: Path, source: Path, **overrides) -> Path:
     return path
 
 
+def cached_stages(results: dict) -> dict[str, bool]:
+    """{stage name: cached} of a pipeline_flow result (train stages as train-STAGE)."""
+    out = {}
+    for name, r in results.items():
+        if name == "workspace":
+            continue
+        for item in (r if isinstance(r, list) else [r]):
+            out[name if name != "train" else f"train-{item['stage_name']}"] = item["cached"]
+    return out
+
+
+def prefect_server_env(tmp_path: Path, port: int) -> tuple[dict, dict]:
+    """(client env, server env) for a real `prefect server start` on 127.0.0.1:port with its own home and
+    database under tmp_path; the server's env has no PREFECT_API_URL (it would try to reach itself)."""
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PYTHONPATH=str(repo))
+    return env, {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+
+
 def stop_processes(procs: list[subprocess.Popen]) -> None:
     """Terminate helper processes (Dask workers before their scheduler: give them in that order), killing any
     that has not exited 30 s later."""

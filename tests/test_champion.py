@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline_helpers import write_config
+from pipeline_helpers import cached_stages, prefect_server_env, write_config
 from unet3d.champion import champion_drift, current_champion, decide, promote, read_registry, rollback
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,16 +94,6 @@ def _config(tmp_path: Path, cohort: Path, name: str, **train) -> Path:
     return path
 
 
-def _cached(results: dict) -> dict[str, bool]:
-    out = {}
-    for name, r in results.items():
-        if name == "workspace":
-            continue
-        for item in (r if isinstance(r, list) else [r]):
-            out[name if name != "train" else f"train-{item['stage_name']}"] = item["cached"]
-    return out
-
-
 def _cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "unet3d", *args], cwd=REPO, env=env or dict(os.environ),
                          capture_output=True, text=True, timeout=1200)
@@ -117,10 +107,7 @@ def _server(tmp_path: Path):
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PYTHONPATH=str(REPO))
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    env, server_env = prefect_server_env(tmp_path, port)
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port)], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -202,7 +189,7 @@ def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path
     # the same night again, nothing new: every stage cached, the decision read back (not made again), still said
     again = pipeline_flow(config_path=str(worse), workspace=str(ws), return_state=True)
     assert again.is_completed() and again.message.startswith(f"challenger {run2} rejected, champion {run1} stays")
-    assert all(_cached(again.result()).values()), _cached(again.result())
+    assert all(cached_stages(again.result()).values()), cached_stages(again.result())
     assert len(read_table(ws / "reports" / "decisions")) == 2
 
     # night 3: a fine-tune from the champion with a short budget and a small learning rate
@@ -219,7 +206,7 @@ def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path
     # night 4: nothing new; the champion is now the fine-tuned model, which is this night's model: nothing is
     # recomputed, no decision is made again
     night4 = pipeline_flow(config_path=str(tune), workspace=str(ws))
-    assert all(_cached(night4).values()), _cached(night4)
+    assert all(cached_stages(night4).values()), cached_stages(night4)
     assert night4["report"]["run_id"] == run3 and night4["champion"]["decision"] == "champion"
     assert len(read_table(ws / "reports" / "decisions")) == 3
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from pipeline_helpers import write_config
+from pipeline_helpers import cached_stages, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,21 +19,11 @@ def pipeline():
     return pipeline_flow
 
 
-def _cached(results: dict) -> dict[str, bool]:
-    out = {}
-    for name, r in results.items():
-        if name == "workspace":
-            continue
-        for item in (r if isinstance(r, list) else [r]):
-            out[name if name != "train" else f"train-{item['stage_name']}"] = item["cached"]
-    return out
-
-
 def test_pipeline_outputs_caching_and_refresh(pipeline, tiny_cohort, tmp_path):
     ws = tmp_path / "ws"
     config = write_config(tmp_path / "c.yaml", tiny_cohort)
     first = pipeline(config_path=str(config), workspace=str(ws))
-    assert not any(_cached(first).values())
+    assert not any(cached_stages(first).values())
     run_id = first["report"]["run_id"]
 
     # every evaluated case has a prediction per stage, in its input's exact geometry
@@ -63,12 +53,12 @@ def test_pipeline_outputs_caching_and_refresh(pipeline, tiny_cohort, tmp_path):
 
     # nothing new: every stage is a cache hit, nothing recomputed
     second = pipeline(config_path=str(config), workspace=str(ws))
-    assert all(_cached(second).values()), _cached(second)
+    assert all(cached_stages(second).values()), cached_stages(second)
     assert second["report"]["run_id"] == run_id
 
     # --refresh train: training and everything downstream recompute, upstream stays cached
     third = pipeline(config_path=str(config), workspace=str(ws), refresh=["train"])
-    flags = _cached(third)
+    flags = cached_stages(third)
     assert flags["ingest"] and flags["preprocess"] and flags["split"]
     assert not flags["train-organ"] and not flags["infer"] and not flags["report"]
 
@@ -76,7 +66,7 @@ def test_pipeline_outputs_caching_and_refresh(pipeline, tiny_cohort, tmp_path):
     import shutil
     shutil.rmtree(third["train"][1]["model_dir"])
     fourth = pipeline(config_path=str(config), workspace=str(ws))
-    assert not _cached(fourth)["train-lesion"] and _cached(fourth)["train-organ"]
+    assert not cached_stages(fourth)["train-lesion"] and cached_stages(fourth)["train-organ"]
     assert Path(fourth["train"][1]["best_checkpoint"]).exists()
 
 
@@ -101,7 +91,7 @@ def test_rerun_after_a_failure_in_training_resumes_from_the_checkpoint(pipeline,
     monkeypatch.setattr(train_module, "predict_cases", real_predict)
 
     rerun = pipeline(config_path=str(config), workspace=str(ws))
-    flags = _cached(rerun)
+    flags = cached_stages(rerun)
     assert flags["ingest"] and flags["preprocess"] and flags["split"]
     organ = rerun["train"][0]
     assert organ["resumed_from_epoch"] == 0 and organ["epochs"] == 3  # epoch 0 was kept, not redone
@@ -124,7 +114,7 @@ def test_rerun_after_a_failure_in_evaluation_recomputes_only_evaluation(pipeline
     monkeypatch.undo()
 
     rerun = pipeline(config_path=str(config), workspace=str(ws))
-    flags = _cached(rerun)
+    flags = cached_stages(rerun)
     assert all(flags[s] for s in ("ingest", "preprocess", "split", "train-organ", "train-lesion", "infer"))
     assert not flags["evaluate"] and not flags["report"]
     assert len(pd.read_parquet(ws / "reports" / "metrics")) > 0

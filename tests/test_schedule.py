@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_helpers import write_config
+from pipeline_helpers import prefect_server_env, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -42,10 +42,7 @@ def _wait_http(url: str, timeout: float) -> None:
 def test_served_deployment_runs_and_writes_metrics(tiny_cohort, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false", PYTHONPATH=str(REPO))
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    env, server_env = prefect_server_env(tmp_path, port)
     ws = tmp_path / "ws"
     config = write_config(tmp_path / "nightly.yaml", tiny_cohort, train={"max_epochs": 1})
     procs = []

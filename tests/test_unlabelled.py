@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from pipeline_helpers import write_config
+from pipeline_helpers import cached_stages, write_config
 
 SHAPE, SPACING = (24, 24, 12), (4.0, 4.0, 8.0)
 
@@ -248,16 +248,6 @@ def test_volume_rows_read_from_written_predictions(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the segment stage in the pipeline
 # ---------------------------------------------------------------------------------------------------------
-def _stage_flags(results: dict) -> dict[str, bool]:
-    out = {}
-    for name, r in results.items():
-        if name == "workspace":
-            continue
-        for item in (r if isinstance(r, list) else [r]):
-            out[name if name != "train" else f"train-{item['stage_name']}"] = item["cached"]
-    return out
-
-
 @pytest.mark.slow
 def test_segment_stage_segments_new_scans_only_and_writes_the_volumes_table(tmp_path, scans):
     from data_catalog.tables import Catalog
@@ -310,7 +300,7 @@ def test_segment_stage_segments_new_scans_only_and_writes_the_volumes_table(tmp_
     # one more scan arrives: only it is segmented; training and inference come from cache
     shutil.copy(scans[3], folder / "night_003.nii.gz")
     second = pipeline_flow(config_path=str(config), workspace=str(ws))
-    flags = _stage_flags(second)
+    flags = cached_stages(second)
     assert flags["train-organ"] and flags["train-lesion"] and flags["infer"] and not flags["segment"]
     assert second["segment"]["segmented"] == 1 and second["segment"]["already_segmented"] == 3
     assert second["segment"]["chain"] == segment["chain"]
@@ -321,6 +311,6 @@ def test_segment_stage_segments_new_scans_only_and_writes_the_volumes_table(tmp_
 
     # a night with nothing new recomputes nothing
     third = pipeline_flow(config_path=str(config), workspace=str(ws))
-    assert all(_stage_flags(third).values()), _stage_flags(third)
+    assert all(cached_stages(third).values()), cached_stages(third)
     assert third["segment"]["segmented"] == 1  # the cached result of the second run, not a new segmentation
     assert len(list((ws / "segmentations").rglob("*.nii.gz"))) == 8
