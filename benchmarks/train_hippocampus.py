@@ -56,27 +56,15 @@ def main() -> int:
     import numpy as np
     import pandas as pd
 
-    from data_catalog.ingest import ingest
-    from data_catalog.splits import split_table, update_splits
-    from data_catalog.case_worker import case_records
-    from data_catalog.preprocess import run_preprocessing
-    from data_catalog.store import PreprocessedStore
-    from unet3d.config import PreprocessConfig, TrainConfig
+    from benchmarks.architectures import prepare
+    from unet3d.config import TrainConfig
     from unet3d.inference import StageModel
     from unet3d.sampling import load_case
     from unet3d.postprocess import apply_postprocessing
     from unet3d.train import TrainSpec, mean_dice, predict_cases, train, volume_ratio
 
     ws = Path(args.workspace)
-    ingest(args.data, "hippocampus", ws)
-    pre = run_preprocessing(ws, "hippocampus", PreprocessConfig().model_dump(), spacing_factors=(1.0,), progress=False)
-    update_splits(ws, "hippocampus", seed=0)
-    store = PreprocessedStore(ws, "hippocampus")
-    plan_id = pre.plan_ids[1.0]
-    cases = split_table(ws, "hippocampus")
-    records = {r["case_id"]: r for r in case_records(cases)}
-    dirs = {s: [str(store.case_dir(plan_id, records[c])) for c in cases.loc[cases["split"] == s, "case_id"]]
-            for s in ("train", "val", "test")}
+    dirs = prepare(args.data, ws)  # ingested, preprocessed and split (cached in the workspace)
     tag = args.tag or "-".join(str(v) for v in (args.architecture, (args.features or "planned").replace(",", "_"),
                                                  f"stem{args.stem or 'planned'}", args.optimizer, f"b{args.batch or 'p'}",
                                                  args.augment or "planned", f"{args.minutes:g}min", args.device))
@@ -93,7 +81,7 @@ def main() -> int:
                             patch_size=[int(p) for p in args.patch.split(",")] if args.patch else None).model_dump()
     spec = TrainSpec(out_dir=str(out), train_cases=dirs["train"], val_cases=dirs["val"],
                      classes={1: "anterior", 2: "posterior"}, label_map={1: 1, 2: 2}, train=train_cfg,
-                     stage="final", spacing=store.load_plan(plan_id)["target_spacing"])
+                     stage="final", spacing=dirs["spacing"])
     print(f"training {tag}: {len(dirs['train'])} train, {len(dirs['val'])} val, {len(dirs['test'])} test cases, "
           f"{args.minutes} min budget, {args.threads} threads, device {args.device}")
     t0 = time.perf_counter()
