@@ -102,6 +102,8 @@ def main() -> int:
                                          model.postprocess) for c in data]
         tta_scores[split] = float(np.mean(list(mean_dice(mirrored, data, 3).values())))
     log = pd.read_parquet(result.log_path)
+    if "val_dice_mean" not in log.columns:  # no epoch was validated (no validation cases)
+        log["val_dice_mean"] = np.nan
     early = log[(log["elapsed"] <= 120) & log["val_dice_mean"].notna()]
     at_2min = float(early["val_dice_mean"].iloc[-1]) if len(early) else float("nan")
     reached = log[log["val_dice_mean"].fillna(0) >= BASELINE_DICE]

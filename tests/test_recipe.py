@@ -227,3 +227,22 @@ def test_context_padding_does_not_move_the_patches(tmp_path):
         assert tuple(big_image.shape[2:]) == (22, 16, 16)
         assert torch.equal(center_crop(big_image, (16, 12, 8)), image)
         assert torch.equal(center_crop(big_label, (16, 12, 8)), label)
+
+
+def test_a_run_the_budget_ends_between_epochs_still_validates_its_last_epoch(tmp_path):
+    """The budget ran out exactly at an epoch boundary, on an epoch that `val_every` skipped: the next epoch
+    stopped before training and nothing was validated, so the log had no `val_dice_mean` column at all and the
+    best checkpoint carried no Dice (the GPU check's dry run failed on this in CI)."""
+    import pandas as pd
+
+    from tests.test_train import tiny_spec
+    from unet3d.train import train
+
+    # one iteration per epoch: the first epoch always runs whole, and a budget of under a second is spent by then
+    spec = tiny_spec(tmp_path / "store", tmp_path / "out", iterations_per_epoch=1, max_epochs=50, val_every=10,
+                     time_limit_min=0.0001)
+    result = train(spec, progress=False)
+    log = pd.read_parquet(result.log_path)
+    assert result.stopped_by == "time_limit" and len(log) == 1
+    assert "val_dice_mean" in log.columns and log["val_dice_mean"].notna().iloc[-1]
+    assert result.best_val_dice is not None and result.best_epoch == 0

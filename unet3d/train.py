@@ -630,7 +630,11 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         row: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
                                "iterations": len(losses), "train_seconds": train_seconds, "world_size": world}
         improved = False
-        last_epoch = epoch == max_epochs - 1 or (time_limit_s is not None and len(losses) < iters)
+        # The last epoch is validated whatever val_every says: the budget ended inside it, or it is spent now
+        # (then the next epoch would stop before training, and a run could end with nothing validated).
+        budget_spent = time_limit_s is not None and (
+            len(losses) < iters or elapsed + time.perf_counter() - t_epoch >= time_limit_s)
+        last_epoch = epoch == max_epochs - 1 or budget_spent
         if is_main and val_cases and ((epoch + 1) % recipe.val_every == 0 or last_epoch):
             preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
             dice = mean_dice(preds, val_cases, num_classes)
@@ -663,7 +667,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
                             **({"left": f"{max(0.0, time_limit_s - elapsed) / 60:.1f} min"} if time_limit_s else {}))
         if world > 1:
             dist.barrier()
-        if time_limit_s is not None and len(losses) < iters:
+        if budget_spent:
             stopped_by = "time_limit"
             break
     bar.close()
