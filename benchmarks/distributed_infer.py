@@ -152,9 +152,11 @@ def main() -> None:
         t0 = time.perf_counter()
         models = [StageModel.load(model_dir, device="cpu")]
         infer_cases(single_jobs, models, [plan], **settings, progress=False)
+        t_infer = time.perf_counter() - t0
         rows, lesion_rows = evaluate_cases(evaluated(single), stages, "demo", "unet3d", 26, progress=False)
         baseline = time.perf_counter() - t0
-        print(f"one process ({torch.get_num_threads()} torch threads): {baseline:.2f} s", flush=True)
+        print(f"one process ({torch.get_num_threads()} torch threads): {baseline:.2f} s (inference {t_infer:.2f} s, "
+              f"evaluation {baseline - t_infer:.2f} s)", flush=True)
 
         # --- ours: the cluster ------------------------------------------------------------------------------
         spread = root / "spread"
@@ -163,10 +165,12 @@ def main() -> None:
         with Client(address, timeout="60s") as client:
             infer_on_cluster(client, spread_jobs, [ModelRef.of(model_dir, device="cpu")], [plan], **settings,
                              progress=False)
+            t_infer = time.perf_counter() - t0
             rows2, lesion_rows2 = evaluate_on_cluster(client, evaluated(spread), stages, "demo", "unet3d", 26,
                                                       progress=False)
         ours = time.perf_counter() - t0
-        print(f"Dask, {args.workers} workers x 1 thread: {ours:.2f} s", flush=True)
+        print(f"Dask, {args.workers} workers x 1 thread: {ours:.2f} s (inference {t_infer:.2f} s, evaluation "
+              f"{ours - t_infer:.2f} s)", flush=True)
 
         a, b = _arrays(single), _arrays(spread)
         if a.keys() != b.keys() or len(a) != len(records) or any(not np.array_equal(a[k], b[k]) for k in a):
