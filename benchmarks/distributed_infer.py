@@ -4,13 +4,15 @@
 Cohort: `data_catalog.demo` phantoms (tiny, 40x40x20 voxels by default), ingested and preprocessed first (not
 timed). Model: a small `unet3d` network with seeded random weights (inference needs a network, not a good one).
 Both sides run the pipeline's own code: the baseline `unet3d.inference.infer_cases` + `unet3d.evaluation.
-evaluate_cases` in this process (torch with its default threads, one per core), ours
+evaluate_cases` in a fresh process (torch with its default threads, one per core), ours
 `data_catalog.parallel.infer_on_cluster` + `evaluate_on_cluster` over the cluster; the cluster is started before
-the clock (an existing cluster, as with `preprocess.dask_address`), while connecting to it, shipping the work
-and loading the model on each worker are timed. Both write their predictions to their own folder; the script
-checks that every array and every metric row is identical before reporting.
+the clock (an existing cluster, as with `preprocess.dask_address`), and its workers import torch and unet3d
+before it, as this process does; connecting to it, shipping the work and loading the model on each worker are
+timed. The workers run as data_catalog/parallel.py advises (no Dask sampling profiler). Both write their
+predictions to their own folder; the script checks that every array and every metric row is identical before
+reporting.
 
-    python benchmarks/distributed_infer.py [--cases 200] [--shape 40x40x20] [--no-tta]
+    python benchmarks/distributed_infer.py [--cases 200] [--shape 40x40x20] [--no-tta] [--repeats 2]
 
 Inference settings are the pipeline's defaults (overlap, mirroring TTA, batch size from InferConfig).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -68,7 +71,9 @@ def _random_model(folder: Path, spacing, features: list[int]) -> Path:
 
 
 def _start_cluster(port: int, n_workers: int) -> list[subprocess.Popen]:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Workers set up as data_catalog/parallel.py and deploy/dask/README.md say (no sampling profiler)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
                                "--port", str(port), "--no-dashboard"], **quiet)]
@@ -76,6 +81,23 @@ def _start_cluster(port: int, n_workers: int) -> list[subprocess.Popen]:
                                 "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GB"], **quiet)
               for _ in range(n_workers)]
     return procs
+
+
+def _one_process(jobs, model_dir: Path, plan: dict, settings: dict, evaluated, stages):
+    """The baseline, timed from loading the model: the pipeline's own single-process loops."""
+    from unet3d.evaluation import evaluate_cases
+    from unet3d.inference import StageModel, infer_cases
+
+    t0 = time.perf_counter()
+    models = [StageModel.load(model_dir, device="cpu")]
+    infer_cases(jobs, models, [plan], **settings, progress=False)
+    t_infer = time.perf_counter() - t0
+    rows, lesion_rows = evaluate_cases(evaluated, stages, "demo", "unet3d", 26, progress=False)
+    return time.perf_counter() - t0, t_infer, torch.get_num_threads(), rows, lesion_rows
+
+
+def _import_inference() -> None:
+    import unet3d.inference  # noqa: F401  (and torch with it)
 
 
 def _arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -92,6 +114,7 @@ def main() -> None:
     ap.add_argument("--features", default="8,16", help="network widths per level")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                     help="mirroring test-time augmentation (8x the network work); default: the pipeline's (infer.tta)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, in alternating order (mean)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the cohort and outputs here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -106,8 +129,8 @@ def main() -> None:
     from data_catalog.store import PreprocessedStore
     from data_catalog.tables import Catalog
     from unet3d.config import InferConfig
-    from unet3d.evaluation import EvaluatedCase, EvaluatedStage, evaluate_cases
-    from unet3d.inference import ModelRef, PredictionJob, StageModel, infer_cases
+    from unet3d.evaluation import EvaluatedCase, EvaluatedStage
+    from unet3d.inference import ModelRef, PredictionJob
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="distributed_infer_"))
     shape = tuple(int(v) for v in args.shape.split("x"))
@@ -121,6 +144,9 @@ def main() -> None:
         ingest(src, "demo", ws)
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(args.workers, timeout=120)
+            # The same starting line for both sides: this process imported torch and unet3d before its clock,
+            # so do the workers (about 3 s each, the cost of a fresh worker's first inference, not of any case).
+            client.run(_import_inference)
         pre = run_preprocessing(ws, "demo", {"workers": args.workers, "dask_address": address}, progress=False)
         if pre.failed:
             raise SystemExit(f"preprocessing failed for {len(pre.failed)} cases: {pre.failed[:3]}")
@@ -147,30 +173,46 @@ def main() -> None:
                         batch_size=defaults.batch_size)
 
         # --- baseline: one process -------------------------------------------------------------------------
-        single = root / "single"
-        single_jobs = jobs(single)
-        t0 = time.perf_counter()
-        models = [StageModel.load(model_dir, device="cpu")]
-        infer_cases(single_jobs, models, [plan], **settings, progress=False)
-        t_infer = time.perf_counter() - t0
-        rows, lesion_rows = evaluate_cases(evaluated(single), stages, "demo", "unet3d", 26, progress=False)
-        baseline = time.perf_counter() - t0
-        print(f"one process ({torch.get_num_threads()} torch threads): {baseline:.2f} s (inference {t_infer:.2f} s, "
-              f"evaluation {baseline - t_infer:.2f} s)", flush=True)
+        # In a fresh process: this one holds a Dask client's event-loop thread (distributed keeps it after the
+        # client closes), which a plain single-process run would not have.
+        single, spread = root / "single", root / "spread"
+        ctx = multiprocessing.get_context("spawn")
+
+        def one_process() -> tuple[float, list, list]:
+            with ctx.Pool(1) as pool:
+                seconds, t_infer, threads, rows, lesion_rows = pool.apply(
+                    _one_process, (jobs(single), model_dir, plan, settings, evaluated(single), stages))
+            print(f"one process ({threads} torch threads): {seconds:.2f} s (inference {t_infer:.2f} s, "
+                  f"evaluation {seconds - t_infer:.2f} s)", flush=True)
+            return seconds, rows, lesion_rows
 
         # --- ours: the cluster ------------------------------------------------------------------------------
-        spread = root / "spread"
-        spread_jobs = jobs(spread)
-        t0 = time.perf_counter()
-        with Client(address, timeout="60s") as client:
-            infer_on_cluster(client, spread_jobs, [ModelRef.of(model_dir, device="cpu")], [plan], **settings,
-                             progress=False)
-            t_infer = time.perf_counter() - t0
-            rows2, lesion_rows2 = evaluate_on_cluster(client, evaluated(spread), stages, "demo", "unet3d", 26,
-                                                      progress=False)
-        ours = time.perf_counter() - t0
-        print(f"Dask, {args.workers} workers x 1 thread: {ours:.2f} s (inference {t_infer:.2f} s, evaluation "
-              f"{ours - t_infer:.2f} s)", flush=True)
+        def on_cluster() -> tuple[float, list, list]:
+            spread_jobs = jobs(spread)
+            t0 = time.perf_counter()
+            with Client(address, timeout="60s") as client:
+                infer_on_cluster(client, spread_jobs, [ModelRef.of(model_dir, device="cpu")], [plan], **settings,
+                                 progress=False)
+                t_infer = time.perf_counter() - t0
+                rows, lesion_rows = evaluate_on_cluster(client, evaluated(spread), stages, "demo", "unet3d", 26,
+                                                        progress=False)
+            seconds = time.perf_counter() - t0
+            print(f"Dask, {args.workers} workers x 1 thread: {seconds:.2f} s (inference {t_infer:.2f} s, "
+                  f"evaluation {seconds - t_infer:.2f} s)", flush=True)
+            return seconds, rows, lesion_rows
+
+        # Alternating order (A B B A ...): this machine's speed drifts by 10-15 % over minutes, and a
+        # two-thread process feels it more than two one-thread ones.
+        times: dict[str, list[float]] = {"single": [], "cluster": []}
+        for r in range(args.repeats):
+            for side in (("single", "cluster") if r % 2 == 0 else ("cluster", "single")):
+                seconds, got, got_lesions = one_process() if side == "single" else on_cluster()
+                times[side].append(seconds)
+                if side == "single":
+                    rows, lesion_rows = got, got_lesions
+                else:
+                    rows2, lesion_rows2 = got, got_lesions
+        baseline, ours = float(np.mean(times["single"])), float(np.mean(times["cluster"]))
 
         a, b = _arrays(single), _arrays(spread)
         if a.keys() != b.keys() or len(a) != len(records) or any(not np.array_equal(a[k], b[k]) for k in a):
@@ -186,7 +228,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({"benchmark": f"distributed_infer_eval_{args.cases}", "ours": round(ours, 3),
                       "baseline": round(baseline, 3), "unit": "s", "ratio": round(ours / baseline, 3),
-                      "tta": settings["tta"], "shape": args.shape}))
+                      "tta": settings["tta"], "shape": args.shape, "runs": times}))
 
 
 if __name__ == "__main__":

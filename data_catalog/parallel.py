@@ -13,7 +13,9 @@ declares it, so that GPU work goes to GPU workers only. Start one single-threade
     dask worker tcp://HOST:8786 --nthreads 1 --nworkers 8     # CPU workers: preprocessing and evaluation
 
 and set `preprocess.dask_address: tcp://HOST:8786`. The workers need this repository importable (PYTHONPATH or
-an installed package), as for preprocessing.
+an installed package), as for preprocessing. Start them with DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
+in their environment, as the LocalCluster's are (WORKER_DASK_CONFIG below): Dask's sampling profiler slows
+compute-bound tasks by about 7 %.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 # Numerical libraries in a worker must not start their own thread pools: one worker is one core.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+
+# No statistical profiler in the workers: it samples every worker thread each 10 ms for a dashboard the
+# pipeline does not open, and cost single-threaded inference 7 %. (A nanny hands its config to its worker.)
+WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 @contextlib.contextmanager
@@ -51,6 +57,7 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> Iterator[Any]:
     """A Dask client: on the scheduler at `dask_address`, else on a LocalCluster of `workers` single-threaded
     processes (the settings of unet3d.config.PreprocessConfig, where their defaults are written)."""
+    import dask
     from distributed import Client, LocalCluster
 
     if dask_address:
@@ -60,7 +67,7 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
         return
     # The scheduler's HTTP server starts even without a dashboard, on port 8787 when the address is None (and
     # warns "Port 8787 is already in use" when another cluster has it): a free local port instead.
-    with _workers_ignore_ctrl_c(), _parent_environment_kept():
+    with _workers_ignore_ctrl_c(), _parent_environment_kept(), dask.config.set(WORKER_DASK_CONFIG):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
                                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
     try:
@@ -252,7 +259,7 @@ def gpu_resources(client, device: str) -> dict | None:
 
 def infer_on_cluster(client, jobs, refs, plans, overlap: float, tta: bool, batch_size: int, resume: bool = True,
                      keep_going: bool = False, progress: bool = True, desc: str = "infer"):
-    """unet3d.inference.infer_cases over the cluster, one task per case (small cases grouped): each worker
+    """unet3d.inference.infer_cases over the cluster, one task per case: each worker
     loads the models of `refs` (unet3d.inference.ModelRef) once, and writes each case's label maps atomically,
     so a worker lost midway loses only its current case. The summary's outcomes are in the order of `jobs`."""
     from unet3d.inference import InferenceSummary, infer_case, job_pending
@@ -266,8 +273,10 @@ def infer_on_cluster(client, jobs, refs, plans, overlap: float, tta: bool, batch
             outcomes[i] = infer_case(job, [], plans, resume=resume)
     if items:
         resources = gpu_resources(client, refs[0].device) if refs else None
+        # One case per task: a case's inference takes far longer than a task costs, and with chunks the last
+        # one kept a single worker busy while the others idled (25 chunks of 8 on 2 workers: 8 cases' time).
         for d in map_cases(_infer_item, items, list(refs), list(plans), overlap, tta, batch_size, resume, keep_going,
-                           client=client, desc=desc, progress=progress, resources=resources):
+                           client=client, desc=desc, progress=progress, resources=resources, chunk_size=1):
             outcomes[d["index"]] = d["outcome"]
     for o in outcomes:
         for w in o.warnings:
