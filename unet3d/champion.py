@@ -23,7 +23,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .config import PROMOTE_DEFAULTS
 from .io import write_json_atomic
@@ -105,6 +104,8 @@ def mean_interval(values: np.ndarray, n_boot: int, confidence: float, seed: int 
     values = np.asarray(values, dtype=float)
     if values.size < 2 or np.ptp(values) == 0:
         return float(values.mean()), float(values.mean())
+    from scipy import stats  # here, not at the top: scipy.stats takes a second to import, on every cached run
+
     result = stats.bootstrap((values,), np.mean, n_resamples=n_boot, confidence_level=confidence, vectorized=True,
                              method="percentile", rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
