@@ -235,3 +235,29 @@ def test_nights_champion_challenger_warm_start_and_history(tiny_cohort, tmp_path
     image = sorted((tiny_cohort / "imagesTr").glob("*.nii.gz"))[0]
     out = command("predict", "--model", "champion", "-i", str(image), "-o", str(tmp_path / "pred"))
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1, out
+
+
+def test_the_champion_is_scored_with_the_configs_ignore_value(tmp_path, monkeypatch):
+    """The champion's metrics on new cases are computed as run_evaluate computes the challenger's: with the
+    config's `ignore_label`. Without it, a sparse cohort's unannotated voxels counted as a class for the champion
+    only, and the paired decision compared two different scorings."""
+    import data_catalog.parallel as parallel
+    import flows.stages as stages
+    import unet3d.inference as inference
+    from data_catalog.workspace import Workspace
+    from flows.champion import _champion_metrics
+    from unet3d.config import parse_config
+
+    cfg = parse_config({"cohort": {"name": "c", "source": str(tmp_path)}, "labels": {1: "organ"}, "ignore_label": 7})
+    record = {"stages": [{"name": "final", "plan": {"plan_id": "p"}, "model_dir": str(tmp_path / "m"),
+                          "margin_mm": None}], "config": {}}
+    scored = {}
+    monkeypatch.setattr(stages, "read_run_record", lambda ws, run_id: record)
+    monkeypatch.setattr(inference.ModelRef, "of", classmethod(lambda cls, *a, **k: None))
+    monkeypatch.setattr(parallel, "infer_jobs", lambda *a, **k: None)
+    monkeypatch.setattr(parallel, "evaluate_jobs", lambda cases, stage_list, *a, **k: (
+        scored.update(ignore=[s.ignore_value for s in stage_list]), ([], []))[1])
+    cases = pd.DataFrame([{"case_id": "c01", "patient_id": "c01", "image_path": "i.nii.gz", "label_path": "l.nii.gz",
+                           "image_files": None, "image_sha256": "a", "label_sha256": "b", "source_kind": "file"}])
+    _champion_metrics(Workspace(tmp_path / "ws"), cfg, "run-1", cases, progress=False)
+    assert scored["ignore"] == [7]
