@@ -157,9 +157,11 @@ def case_dirname(case: dict) -> str:
     return f"{case['case_id']}__{content_key(case)}"
 
 
-def fingerprint_path(fingerprint_dir: str | Path, case: dict) -> Path:
-    """fingerprints/CASE__KEY.json: a case's fingerprint, under the store's fingerprint folder."""
-    return Path(fingerprint_dir) / f"{case_dirname(case)}.json"
+def fingerprint_path(fingerprint_dir: str | Path, case: dict, ignore_label: int | None = None) -> Path:
+    """fingerprints/CASE__KEY.json: a case's fingerprint, under the store's fingerprint folder
+    (CASE__KEY__ignoreV.json where the labels' value V marks unannotated voxels: other foreground statistics)."""
+    suffix = "" if ignore_label is None else f"__ignore{int(ignore_label)}"
+    return Path(fingerprint_dir) / f"{case_dirname(case)}{suffix}.json"
 
 
 def _raise_if_environment(exc: BaseException, what: str, writing: bool = False) -> None:
@@ -169,14 +171,18 @@ def _raise_if_environment(exc: BaseException, what: str, writing: bool = False) 
 
 
 # ---------------------------------------------------------------------------------------------------------
-def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
-    """Per-case statistics for planning: canonical spacing and shapes, and a foreground intensity sample."""
+def fingerprint_case(case: dict, out_dir: str, seed: int = 0, ignore_label: int | None = None) -> dict:
+    """Per-case statistics for planning: canonical spacing and shapes, and a foreground intensity sample.
+    `ignore_label`: the label value of unannotated voxels (sparse labels), which are not foreground."""
     _single_thread_itk()
-    path = fingerprint_path(out_dir, case)
+    path = fingerprint_path(out_dir, case, ignore_label)
     if path.exists():
         return {"case_id": case["case_id"], "status": "cached", "path": str(path)}
     try:
         image, label, geometry = _read_case(case)
+        # the annotated foreground: labelled above 0, and not the unannotated voxels of sparse labels
+        annotated = None if label is None else (label > 0) & (label != ignore_label) if ignore_label is not None \
+            else label > 0
         channels = image if isinstance(image, list) else None
         image = channels[0] if channels is not None else image
         perm, flips = canonical_axes(geometry.direction_matrix())
@@ -189,7 +195,7 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
             nonzero |= label > 0
         channel_samples = None
         if channels is not None:  # each channel's intensities at the same voxels, for its own ct normalisation
-            where = label > 0 if label is not None and label.any() else nonzero if nonzero.any() else None
+            where = annotated if annotated is not None and annotated.any() else nonzero if nonzero.any() else None
             channel_rng = np.random.default_rng([seed, int(content_key(case)[:8], 16), 1])
             channel_samples = []
             for voxels in channels:
@@ -201,8 +207,8 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
         bbox = [raw_box[p] for p in perm]
         # Both arrays share one memory layout: ravel("K") walks them in the same order without copying.
         flat_image = image.ravel(order="K")
-        if label is not None and label.any():
-            foreground = flat_image[label.ravel(order="K") > 0]
+        if annotated is not None and annotated.any():
+            foreground = flat_image[annotated.ravel(order="K")]
         else:
             foreground = flat_image[nonzero.ravel(order="K")] if nonzero.any() else flat_image
         del nonzero
@@ -214,7 +220,7 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0) -> dict:
         classes = {}
         if label is not None:
             values, counts = label_counts(label)
-            classes = {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+            classes = {int(v): int(c) for v, c in zip(values, counts) if v != 0 and v != ignore_label}
         record = {
             "case_id": case["case_id"],
             "canonical_spacing": list(canon.spacing),

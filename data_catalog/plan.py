@@ -23,14 +23,17 @@ from .parallel import map_cases
 from .store import PreprocessedStore
 
 
-def plan_key(preprocess_config: PreprocessConfig | dict, modality: str, channels: int = 1) -> str:
+def plan_key(preprocess_config: PreprocessConfig | dict, modality: str, channels: int = 1,
+             ignore_label: int | None = None) -> str:
     """The key a plan is pinned under: the config keys that shape a plan, the modality, the code version (and the
-    channel count of a multi-channel cohort)."""
+    channel count of a multi-channel cohort, the ignore label of sparse labels: both change the statistics)."""
     cfg = PreprocessConfig.model_validate(preprocess_config).model_dump(mode="json")
     relevant = {k: cfg[k] for k in ("target_spacing", "normalisation", "image_interpolation", "label_interpolation")}
     identity = {"config": relevant, "modality": modality, "version": PREPROCESS_VERSION}
     if channels > 1:
         identity["channels"] = channels
+    if ignore_label is not None:
+        identity["ignore_label"] = int(ignore_label)
     return stable_hash(identity, 12)
 
 
@@ -134,22 +137,24 @@ def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
 
 def plan_cohort(store: PreprocessedStore, cases: list[dict], cases_df: pd.DataFrame, modality: str,
                 preprocess_config: PreprocessConfig, get_client: Callable,
-                progress: bool = True, channels: int = 1) -> tuple[dict, int, list[dict]]:
-    """Fingerprint (voxels only where the plan needs intensities: CT) and plan.
+                progress: bool = True, channels: int = 1,
+                ignore_label: int | None = None) -> tuple[dict, int, list[dict]]:
+    """Fingerprint (voxels only where the plan needs intensities: CT) and plan. `ignore_label`: the label value
+    of unannotated voxels (sparse labels), left out of the foreground intensities.
 
     Returns (plan, cases fingerprinted in this call, failures as {"case_id", "error", "step": "fingerprint"});
     a failed case is left out of the plan. `get_client()` gives the Dask client, started only when needed."""
     if not needs_intensity_fingerprint(preprocess_config, modality):
         return make_plan(header_fingerprints(cases_df), modality, preprocess_config, channels), 0, []
-    todo = [c for c in cases if not store.fingerprint_file(c).exists()]
+    todo = [c for c in cases if not store.fingerprint_file(c, ignore_label).exists()]
     failures, fingerprinted = [], 0
     if todo:
-        fps = map_cases(fingerprint_case, todo, str(store.fingerprint_dir), client=get_client(),
+        fps = map_cases(fingerprint_case, todo, str(store.fingerprint_dir), 0, ignore_label, client=get_client(),
                         desc="fingerprint", progress=progress)
         failures = [f for f in fps if f["status"] == "failed"]
         fingerprinted = sum(f["status"] == "done" for f in fps)
     failed_ids = {f["case_id"] for f in failures}
-    fingerprints = [json.loads(store.fingerprint_file(c).read_text())
+    fingerprints = [json.loads(store.fingerprint_file(c, ignore_label).read_text())
                     for c in cases if c["case_id"] not in failed_ids]
     return (make_plan(fingerprints, modality, preprocess_config, channels), fingerprinted,
             [dict(f, step="fingerprint") for f in failures])

@@ -49,8 +49,9 @@ class PreprocessResult:
 def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: PreprocessConfig | dict,
                       modality: str | None = None,
                       spacing_factors: tuple[float, ...] = (1.0,), refresh: bool = False, progress: bool = True,
-                      case_ids: list[str] | None = None) -> PreprocessResult:
-    """Fingerprint, plan and preprocess every `ok` case of a cohort; only missing (case, plan) pairs do work."""
+                      case_ids: list[str] | None = None, ignore_label: int | None = None) -> PreprocessResult:
+    """Fingerprint, plan and preprocess every `ok` case of a cohort; only missing (case, plan) pairs do work.
+    `ignore_label`: the label value of unannotated voxels (sparse labels), not foreground for the plan."""
     t0 = time.perf_counter()
     cfg = PreprocessConfig.model_validate(preprocess_config)
     catalog = Catalog(workspace)
@@ -72,7 +73,7 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
         odd_ids = {f["case_id"] for f in odd}
         cases = [c for c in cases if c["case_id"] not in odd_ids]
         result.failed += odd
-    key = plan_key(cfg, modality, channels)
+    key = plan_key(cfg, modality, channels, ignore_label)
 
     with store.lock():
         result.removed_partial = store.remove_partial()
@@ -92,7 +93,7 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
         try:
             if plan is None:
                 plan, result.fingerprinted, failures = plan_cohort(store, cases, cases_df, modality, cfg,
-                                                                   get_client, progress, channels)
+                                                                   get_client, progress, channels, ignore_label)
                 result.failed += failures
                 store.pin(key, plan)
                 log.info("planned %s: target spacing %s mm, normalisation %s", plan["plan_id"],

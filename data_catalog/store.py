@@ -49,8 +49,8 @@ class PreprocessedStore:
         self.save_plan(plan)
         write_json_atomic(self.workspace.pinned_plan_file(self.cohort, key), plan, indent=1, sort_keys=True)
 
-    def fingerprint_file(self, case: dict) -> Path:
-        return fingerprint_path(self.fingerprint_dir, case)
+    def fingerprint_file(self, case: dict, ignore_label: int | None = None) -> Path:
+        return fingerprint_path(self.fingerprint_dir, case, ignore_label)
 
     def case_dir(self, plan_id: str, case: dict) -> Path:
         return self.plan_dir(plan_id) / case_dirname(case)

@@ -207,7 +207,8 @@ def _sparse_part(cfg: PipelineConfig) -> list:
 
 def key_preprocess(workspace: str, cfg: PipelineConfig) -> str:
     return stage_key("preprocess", content_rows(workspace, cfg.cohort.name),
-                     config_part("preprocess", _json(cfg.preprocess)), spacing_factors(cfg), cfg.cohort.modality)
+                     config_part("preprocess", _json(cfg.preprocess)), spacing_factors(cfg), cfg.cohort.modality,
+                     *_sparse_part(cfg))
 
 
 def key_split(workspace: str, cfg: PipelineConfig) -> str:

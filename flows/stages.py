@@ -92,7 +92,7 @@ def run_preprocess(workspace: str, cfg: PipelineConfig, key: str, refresh: bool 
     cohort, modality = cfg.cohort.name, cfg.cohort.modality
     result = run_preprocessing(workspace, cohort, cfg.preprocess,
                                modality=None if modality == "other" else modality,
-                               spacing_factors=spacing_factors(cfg), refresh=refresh)
+                               spacing_factors=spacing_factors(cfg), refresh=refresh, ignore_label=cfg.ignore_label)
     log.info(result.summary())
     for f in result.failed:
         log.error("case %s failed %s: %s", f["case_id"], f.get("step"), f.get("error"))

@@ -234,3 +234,30 @@ def test_refresh_tries_failed_cases_again(tmp_path):
     catalog = Catalog(ws)
     assert (catalog.cases(cohort="demo")["status"] == "ok").all()
     assert not (catalog.read("issues")["code"] == "preprocess_failed").any()
+
+
+def test_ct_intensity_statistics_leave_out_the_ignore_label(tmp_path):
+    """Sparse labels: the unannotated voxels carry `ignore_label` and are not foreground. The CT plan's clipping
+    and z-score statistics came from every voxel with a label above 0, so the air of the unannotated slices
+    (-1000 HU) entered the 'foreground' intensities of the organ (about 100 HU)."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "src" / folder).mkdir(parents=True)
+    for i in range(3):
+        image = np.full((10, 20, 20), -1000.0, dtype=np.float32)  # z, y, x: air
+        image[:, 5:15, 5:15] = 100 + rng.normal(0, 10, (10, 10, 10))  # the organ
+        label = np.full(image.shape, 7, dtype=np.uint8)  # unannotated
+        label[2:4] = 0  # two annotated slices: background ...
+        label[2:4, 5:15, 5:15] = 1  # ... and organ
+        for array, folder in ((image, "imagesTr"), (label, "labelsTr")):
+            img = sitk.GetImageFromArray(array)
+            img.SetSpacing((1.0, 1.0, 2.0))
+            sitk.WriteImage(img, str(tmp_path / "src" / folder / f"ct_{i:03d}.nii.gz"))
+    ws = tmp_path / "ws"
+    ingest(tmp_path / "src", "ct", ws, modality="CT", declared_labels={1: "organ"}, ignore_label=7)
+    result = run_preprocessing(ws, "ct", dict(CONFIG, workers=1), ignore_label=7, progress=False)
+    norm = PreprocessedStore(ws, "ct").load_plan(result.plan_ids[1.0])["normalisation"]
+    assert norm["scheme"] == "ct"
+    assert 50 < norm["mean"] < 150 and norm["clip_low"] > 0, norm
