@@ -47,6 +47,9 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: Prepro
     cfg = PreprocessConfig.model_validate(preprocess_config)
     if not fingerprints:
         raise ValueError("no case could be fingerprinted: nothing to plan from")
+    # The plan is made from the labelled cases, the ones the model learns from (nnU-Net plans from its training
+    # cases): a nightly folder of unlabelled scans must not move the target spacing or the intensity statistics.
+    fingerprints = [f for f in fingerprints if f.get("labelled")] or fingerprints
     spacings = np.array([f["canonical_spacing"] for f in fingerprints], dtype=np.float64)
     if cfg.target_spacing == "auto":
         target = np.median(spacings, axis=0)
@@ -69,8 +72,7 @@ def make_plan(fingerprints: list[dict], modality: str, preprocess_config: Prepro
         if scheme == "ct":
             def samples(f):
                 return f["foreground_sample"] if channel == 0 else f["channel_foreground_samples"][channel]
-            sample = np.concatenate([np.asarray(samples(f), dtype=np.float64) for f in fingerprints
-                                     if f.get("labelled")] or [np.asarray(samples(f)) for f in fingerprints])
+            sample = np.concatenate([np.asarray(samples(f), dtype=np.float64) for f in fingerprints])
             norm.update(clip_low=float(np.percentile(sample, 0.5)), clip_high=float(np.percentile(sample, 99.5)),
                         mean=float(sample.mean()), std=float(sample.std()))
         return norm
@@ -131,7 +133,7 @@ def header_fingerprints(cases_df: pd.DataFrame) -> list[dict]:
     for row in cases_df.to_dict("records"):
         perm, _ = canonical_axes(np.asarray(row["direction"], dtype=np.float64).reshape(3, 3))
         out.append({"case_id": row["case_id"], "canonical_spacing": [float(row["spacing_mm"][p]) for p in perm],
-                    "canonical_shape": [int(row["size"][p]) for p in perm], "labelled": row["label_path"] is not None})
+                    "canonical_shape": [int(row["size"][p]) for p in perm], "labelled": isinstance(row["label_path"], str)})
     return out
 
 

@@ -314,3 +314,31 @@ def test_segment_stage_segments_new_scans_only_and_writes_the_volumes_table(tmp_
     assert all(cached_stages(third).values()), cached_stages(third)
     assert third["segment"]["segmented"] == 1  # the cached result of the second run, not a new segmentation
     assert len(list((ws / "segmentations").rglob("*.nii.gz"))) == 8
+
+
+def test_the_plan_comes_from_the_labelled_cases_only():
+    """Unlabelled scans (to be segmented, not learnt from) joined the plan's median: five thick-sliced scans
+    moved the target spacing of three labelled cases from 1 mm to 2 mm."""
+    from data_catalog.plan import make_plan
+
+    def fingerprint(spacing, labelled):
+        return {"canonical_spacing": [spacing] * 3, "canonical_shape": [40, 40, 40], "labelled": labelled}
+
+    fingerprints = [fingerprint(1.0, True)] * 3 + [fingerprint(2.0, False)] * 5
+    plan = make_plan(fingerprints, "MRI", {})
+    assert plan["target_spacing"] == [1.0, 1.0, 1.0] and plan["n_cases_planned"] == 3
+    # a cohort of unlabelled scans only (a model brought from elsewhere) still gets a plan
+    assert make_plan(fingerprints[3:], "MRI", {})["target_spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_header_fingerprints_know_an_unlabelled_case_read_back_from_parquet():
+    """pandas reads a missing label path back from Parquet as NaN, not None: `is not None` took every
+    unlabelled scan for a labelled one."""
+    import pyarrow as pa
+
+    from data_catalog.plan import header_fingerprints
+
+    rows = pa.table({"case_id": ["a", "b"], "direction": [[1.0, 0, 0, 0, 1, 0, 0, 0, 1]] * 2,
+                     "spacing_mm": [[1.0, 1.0, 1.0]] * 2, "size": [[8, 8, 8]] * 2,
+                     "label_path": ["/labels/a.nii.gz", None]}).to_pandas()
+    assert [f["labelled"] for f in header_fingerprints(rows)] == [True, False]
