@@ -8,6 +8,7 @@ data_catalog.store.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -104,15 +105,11 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
                 store.save_plan(p)
                 result.plan_ids[factor] = p["plan_id"]
                 store.plan_dir(p["plan_id"]).mkdir(parents=True, exist_ok=True)
-                pending = [c for c in cases if c["case_id"] not in failed_ids and not store.has_case(p["plan_id"], c)]
-                result.cached += len(cases) - len(pending) - len(failed_ids)
-                if not pending:
-                    continue
-                outs = map_cases(preprocess_case, pending, p, str(store.plan_dir(p["plan_id"])), client=get_client(),
-                                 desc=f"preprocess x{factor:g}", progress=progress)
-                result.processed += sum(o["status"] == "done" for o in outs)
-                result.cached += sum(o["status"] == "cached" for o in outs)
-                new_failures = [dict(o, step=f"preprocess x{factor:g}") for o in outs if o["status"] == "failed"]
+                processed, cached, new_failures = _preprocess_missing(
+                    store, p, [c for c in cases if c["case_id"] not in failed_ids], get_client, progress,
+                    f"preprocess x{factor:g}")
+                result.processed += processed
+                result.cached += cached
                 result.failed += new_failures
                 failed_ids |= {f["case_id"] for f in new_failures}
             if client is not None:
@@ -125,6 +122,56 @@ def run_preprocessing(workspace: str | Path, cohort: str, preprocess_config: Pre
         record_failures(catalog, cohort, result.failed)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _preprocess_missing(store: PreprocessedStore, plan: dict, cases: list[dict], get_client, progress: bool,
+                        desc: str) -> tuple[int, int, list[dict]]:
+    """Preprocess under `plan` the cases of `cases` it does not have yet (a saved plan, its folder made):
+    (cases processed now, cases found done, failures as {"case_id", "error", "step"})."""
+    store.plan_dir(plan["plan_id"]).mkdir(parents=True, exist_ok=True)
+    pending = [c for c in cases if not store.has_case(plan["plan_id"], c)]
+    if not pending:
+        return 0, len(cases), []
+    outs = map_cases(preprocess_case, pending, plan, str(store.plan_dir(plan["plan_id"])), client=get_client(),
+                     desc=desc, progress=progress)
+    failures = [dict(o, step=desc) for o in outs if o["status"] == "failed"]
+    return (sum(o["status"] == "done" for o in outs),
+            len(cases) - len(pending) + sum(o["status"] == "cached" for o in outs), failures)
+
+
+def preprocess_under_plans(workspace: str | Path, cohort: str, plan_ids: list[str], case_ids: list[str],
+                           preprocess_config: PreprocessConfig | dict, progress: bool = True) -> list[dict]:
+    """Preprocess the `ok` cases `case_ids` under saved plans that are not the current one, where not done yet:
+    a model trained under an earlier plan (the champion, after `preprocess` settings changed) predicting cases
+    that arrived since. Returns the failures, recorded and quarantined as run_preprocessing records them."""
+    cfg = PreprocessConfig.model_validate(preprocess_config)
+    store = PreprocessedStore(workspace, cohort)
+    cases_df = Catalog(workspace).cases(cohort=cohort, status="ok")
+    cases = case_records(cases_df[cases_df["case_id"].isin(case_ids)])
+    failures: list[dict] = []
+    if not cases:
+        return failures
+    with store.lock(), contextlib.ExitStack() as stack:
+        client = None
+
+        def get_client():
+            nonlocal client
+            if client is None:
+                client = stack.enter_context(dask_client(cfg.workers, cfg.dask_address, cfg.memory_limit))
+            return client
+
+        for plan_id in plan_ids:
+            plan = store.load_plan(plan_id)
+            failed = {f["case_id"] for f in failures}
+            processed, _, new_failures = _preprocess_missing(store, plan, [c for c in cases if c["case_id"] not in failed],
+                                                             get_client, progress, f"preprocess {plan_id}")
+            if processed:
+                log.info("preprocess %s: %d cases preprocessed under plan %s (a model trained under it predicts them)",
+                         cohort, processed, plan_id)
+            failures += new_failures
+    if failures:
+        record_failures(Catalog(workspace), cohort, failures)
+    return failures
 
 
 def record_failures(catalog: Catalog, cohort: str, failures: list[dict]) -> None:

@@ -122,6 +122,7 @@ def _champion_metrics(ws: Workspace, cfg: PipelineConfig, champion_id: str, case
     """The champion's final-stage metric rows on `cases`: its predictions under its own run (those it made
     before are kept; new cases are predicted now with its models, plans and inference settings)."""
     from data_catalog.parallel import evaluate_jobs, infer_jobs
+    from data_catalog.preprocess import preprocess_under_plans
     from unet3d.evaluation import EvaluatedCase, EvaluatedStage
     from unet3d.inference import ModelRef, PredictionJob
 
@@ -130,6 +131,9 @@ def _champion_metrics(ws: Workspace, cfg: PipelineConfig, champion_id: str, case
 
     record = read_run_record(str(ws.root), champion_id)
     plans = [s["plan"] for s in record["stages"]]
+    # cases that arrived after the champion's plan stopped being the current one: preprocessed under it now
+    preprocess_under_plans(ws.root, cfg.cohort.name, [p["plan_id"] for p in plans], list(cases["case_id"]),
+                           cfg.preprocess, progress)
     store = PreprocessedStore(ws.root, cfg.cohort.name)
     jobs = []
     for case in case_records(cases):

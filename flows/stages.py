@@ -364,6 +364,7 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
     scan and structure of the final stage, with its QC flags (unet3d.volumes). `refresh` (--refresh segment): the
     chain's segmentations are removed first and every scan is segmented again."""
     from data_catalog.parallel import infer_jobs
+    from data_catalog.preprocess import preprocess_under_plans
     from unet3d.report_tables import VOLUMES_SCHEMA, write_partition
     from unet3d.volumes import VOLUME_OUTLIER_RULE
 
@@ -378,6 +379,10 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
         drop_marker(workspace, "segment", key)
         _set_aside(ws.segmentation_dir(cohort, chain))
         log.info("segment %s: --refresh segment: the segmentations of model chain %s removed", cohort, chain)
+    # the serving chain may have been trained under an earlier plan (the champion, before `preprocess` changed):
+    # new scans are preprocessed under its plans too (a case that fails is quarantined and left out)
+    preprocess_under_plans(workspace, cohort, [p["plan_id"] for p in plans],
+                           list(unlabelled_cases(workspace, cfg)["case_id"]), cfg.preprocess, progress)
     items = _segment_jobs(ws, cfg, chain, models, plans, case_records(unlabelled_cases(workspace, cfg)))
     # a scan is done when its record is written (after its labels) and its labels are still there
     todo = [job for _case, job, record in items

@@ -342,3 +342,27 @@ def test_header_fingerprints_know_an_unlabelled_case_read_back_from_parquet():
                      "spacing_mm": [[1.0, 1.0, 1.0]] * 2, "size": [[8, 8, 8]] * 2,
                      "label_path": ["/labels/a.nii.gz", None]}).to_pandas()
     assert [f["labelled"] for f in header_fingerprints(rows)] == [True, False]
+
+
+def test_the_champion_segments_new_scans_after_the_preprocessing_plan_changed(tmp_path, scans):
+    """The champion was trained under the plan of its night; a later config with other `preprocess` settings
+    preprocesses new scans under a new plan only, and the champion (which still serves) reported them as 'not
+    preprocessed' instead of segmenting them. They are now preprocessed under the champion's plan too."""
+    from flows.pipeline import pipeline_flow
+
+    source = _cohort(tmp_path / "cohort", n_cases=8)
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    shutil.copy(scans[0], folder / "night_001.nii.gz")
+    ws = tmp_path / "ws"
+    settings = dict(cohort={"unlabelled_source": str(folder)}, infer={"tta": False}, evaluate={"n_boot": 0})
+    first = pipeline_flow(config_path=str(write_config(tmp_path / "a.yaml", source, **settings)), workspace=str(ws))
+    assert first["champion"]["decision"] == "promoted" and first["segment"]["segmented"] == 1
+
+    shutil.copy(scans[1], folder / "night_002.nii.gz")
+    other_plan = write_config(tmp_path / "b.yaml", source, preprocess={"workers": 1, "target_spacing": [5.0, 5.0, 9.0]},
+                              **settings)
+    second = pipeline_flow(config_path=str(other_plan), workspace=str(ws), until="segment")
+    segment = second["segment"]
+    assert segment["chain"] == first["segment"]["chain"]  # the champion serves
+    assert segment["not_preprocessed"] == [] and segment["segmented"] == 1 and segment["already_segmented"] == 1
