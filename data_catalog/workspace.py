@@ -11,6 +11,7 @@
       reports/runs/RUN_ID/report.md
       reports/decisions/run_date=.../run_id=.../part-0.parquet   champion / challenger decisions
       champions/COHORT/STAGE1__STAGE2.json      the serving model of a cohort's stage chain, with its history
+      champions/COHORT/models/RUN__STAGE/       a served model kept aside when its folder was retrained
       runs/RUN_ID.json
       .prefect/results/, .stages/STAGE/KEY.json  cached stage results and completion markers
       demo/                                      `unet3d demo`'s cohort and config
@@ -144,6 +145,12 @@ class Workspace:
         """champions/COHORT/STAGE1__STAGE2.json: the champion registry of a cohort's stage chain (unet3d.champion)."""
         names = "__".join(safe_name(s, "stage name") for s in chain)
         return self.root / "champions" / safe_name(cohort, "cohort name") / f"{names}.json"
+
+    def champion_model_dir(self, cohort: str, run_id: str, stage: str) -> Path:
+        """champions/COHORT/models/RUN_ID__STAGE: a model that served, kept here when `--refresh train` retrains
+        the folder it was trained in (flows.champion.keep_served_models)."""
+        return (self.root / "champions" / safe_name(cohort, "cohort name") / "models"
+                / f"{safe_name(run_id, 'run id', max_len=128)}__{safe_name(stage, 'stage name')}")
 
     def champion_files(self) -> list[Path]:
         """Every champion registry of the workspace."""

@@ -47,6 +47,51 @@ def run_entry(workspace: str, run_id: str) -> dict:
     return {"run_id": run_id, "cohort": record["cohort"], "stages": stages}
 
 
+def keep_served_models(workspace: str, folder: Path) -> list[str]:
+    """Before `--refresh train` retrains `folder`: every model that has served from it (any registry entry, the
+    champion or one a rollback returns to) is copied to its own folder under champions/, and its registry entry
+    and run record point there, so that the served model stays the one that was promoted. Returns the run ids."""
+    import shutil
+
+    from unet3d.io import write_json_atomic
+
+    ws, folder, kept = Workspace(workspace), Path(folder).resolve(), []
+    for path in ws.champion_files():
+        registry = read_registry(path)
+        changed = False
+        for entry in registry["served"]:
+            for stage in entry["stages"]:
+                if ws.resolve(stage["model_dir"], f"champion {entry['run_id']}: stage {stage['name']}") != folder:
+                    continue
+                target = ws.champion_model_dir(registry["cohort"], entry["run_id"], stage["name"])
+                if not target.exists():
+                    partial = target.with_name(f".{target.name}.partial")
+                    shutil.rmtree(partial, ignore_errors=True)
+                    shutil.copytree(folder, partial)  # copy2: the files keep their times
+                    partial.rename(target)
+                _repoint_run_record(ws, entry["run_id"], stage["name"], ws.relative(target))
+                stage["model_dir"], changed = ws.relative(target), True
+                kept.append(entry["run_id"])
+                log.info("champion %s: stage %s's model kept in %s before %s is retrained", entry["run_id"],
+                         stage["name"], target, folder)
+        if changed:
+            write_json_atomic(path, registry, indent=1)
+    return sorted(set(kept))
+
+
+def _repoint_run_record(ws: Workspace, run_id: str, stage: str, model_dir: str) -> None:
+    from unet3d.io import write_json_atomic
+
+    path = ws.run_record(run_id)
+    if not path.exists():
+        return
+    record = json.loads(path.read_text())
+    for s in record.get("stages", []):
+        if s.get("name") == stage:
+            s["model_dir"] = model_dir
+    write_json_atomic(path, record, indent=1)
+
+
 def _registry_for_cohort(workspace: str, cohort: str | None) -> Path:
     """The one registry of `cohort` (or of the workspace, when it has only one); refused when ambiguous."""
     files = Workspace(workspace).champion_files()

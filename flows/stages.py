@@ -170,6 +170,8 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
     from unet3d.io import write_text_atomic
     from unet3d.train import ModelFiles, train, train_distributed
 
+    from .champion import keep_served_models
+
     marker, plan_id = f"train-{stage.name}", plan_id_of(preprocess, stage)
     out, lock = model_folder(workspace, cfg, stage, preprocess)
     spec = _train_spec(workspace, cfg, stage, plan_id, out)
@@ -180,6 +182,7 @@ def run_train(workspace: str, cfg: PipelineConfig, key: str, stage: StageConfig,
         if refresh:
             drop_marker(workspace, marker, key)
             if out.exists():
+                keep_served_models(workspace, out)  # a model that served stays the one that was promoted
                 _set_aside(out)
                 log.info("stage %s: --refresh train: previous checkpoints in %s removed, training from scratch",
                          stage.name, out)

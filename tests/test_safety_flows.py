@@ -220,8 +220,23 @@ def test_refresh_train_retrains_from_scratch(pipeline, trained, caplog):
     before = pipeline(config_path=str(trained["config"]), workspace=str(ws))
     assert all(t["cached"] for t in before["train"])
     digests = {t["stage_name"]: _sha256(t["latest_checkpoint"]) for t in before["train"]}
+    # the first run is the cohort's champion, and its models live in the folders the refresh retrains into
+    registry_path = ws / "champions" / "tiny" / "organ__lesion.json"
+    champion = json.loads(registry_path.read_text())["served"][-1]
+    served_files = {s["name"]: (ws / s["model_dir"] / "checkpoint_best.pt").stat().st_mtime_ns
+                    for s in champion["stages"]}
     with caplog.at_level("INFO"):
         after = pipeline(config_path=str(trained["config"]), workspace=str(ws), refresh=["train"])
+    # the champion's models were kept (the refresh used to delete them, leaving the registry and the champion's
+    # run record pointing at the retrained models): every model that served is still the one that served
+    registry = json.loads(registry_path.read_text())
+    kept = next(e for e in registry["served"] if e["run_id"] == champion["run_id"])
+    record = json.loads((ws / "runs" / f"{champion['run_id']}.json").read_text())
+    for stage, recorded in zip(kept["stages"], record["stages"]):
+        checkpoint = ws / stage["model_dir"] / "checkpoint_best.pt"
+        assert _sha256(checkpoint) == stage["checkpoint_sha256"]
+        assert checkpoint.stat().st_mtime_ns == served_files[stage["name"]]  # the very files, not a retrained model
+        assert recorded["model_dir"] == stage["model_dir"]
     for t in after["train"]:
         assert not t["cached"]
         assert t["resumed_from_epoch"] is None and t["epochs"] == 2, t  # all epochs trained again, none resumed
