@@ -20,3 +20,28 @@ def test_the_pipeline_modules_do_not_import_heavy_libraries_at_their_top():
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_the_work_sent_to_a_dask_cluster_unpickles_without_torch(tmp_path):
+    """Dask's scheduler unpickles the arguments of every task it is sent. The inference jobs and model references
+    were classes of unet3d.inference, so the scheduler of an existing cluster imported torch to read them: 2.3 s
+    before the first case of the first run could start (and torch's memory in a process that never computes)."""
+    import pickle
+
+    import cloudpickle
+
+    from unet3d.evaluation import EvaluatedCase, EvaluatedStage
+    from unet3d.inference import ModelRef, PredictionJob
+
+    (tmp_path / "checkpoint_best.pt").write_bytes(b"weights")
+    work = [PredictionJob("c1", {"full": tmp_path / "c1.nii.gz"}, case_dirs=[tmp_path / "c1"]),
+            ModelRef.of(tmp_path, device="cpu"),
+            EvaluatedCase("c1", "test", str(tmp_path / "l.nii.gz"), {"full": tmp_path / "c1.nii.gz"}),
+            EvaluatedStage("full", {1: "organ"}, {0: 0, 1: 1})]
+    blob = tmp_path / "work.pkl"
+    blob.write_bytes(cloudpickle.dumps(work))
+    code = (f"import pickle, sys\n"
+            f"pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == ""

@@ -21,6 +21,7 @@ import torch
 from scipy import ndimage
 
 from .case_folder import case_properties, read_case_folder
+from .jobs import ModelRef, PredictionJob  # noqa: F401  (part of this module's API; defined without torch)
 from .config import INFER_DEFAULTS
 from .io import Geometry, atomic_path, from_numpy, read_image, to_numpy, write_image_atomic
 from .postprocess import apply_postprocessing
@@ -181,20 +182,6 @@ def load_preprocessed_case(case_dir: str | Path) -> tuple[np.ndarray, CaseProper
 
 
 @dataclass
-class PredictionJob:
-    """One case to predict and where each stage's label map goes. The input is either the case's preprocessed
-    folders, one per stage (`case_dirs`, the pipeline), or a raw image file or DICOM folder (`image`,
-    `unet3d predict`); neither means the case was not preprocessed (quarantined) and it is skipped."""
-
-    case_id: str
-    targets: dict[str, Path]  # stage name -> output image file
-    case_dirs: list[Path] | None = None
-    image: str | Path | None = None
-    stage1_cache: Path | None = None  # cascade: stage 1's probabilities, read if present, else written
-    channels: list[str] | None = None  # a multi-channel case's image files in channel order (`image` is the first)
-
-
-@dataclass
 class CaseOutcome:
     case_id: str
     written: list[Path]
@@ -327,32 +314,6 @@ def infer_case(job: PredictionJob, models: Sequence[StageModel], plans: Sequence
 # ---------------------------------------------------------------------------------------------------------
 # Models loaded where the work runs (a Dask worker): once per process, not once per case
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelRef:
-    """A stage model named by value, to be loaded by the process that predicts (StageModel.load's arguments);
-    `sha256` of the checkpoint makes a retrained model in the same folder a different cache entry."""
-
-    model_dir: str
-    sha256: str
-    device: str = "auto"
-    checkpoint: str | None = None
-    margin_mm: float | None = None
-
-    @classmethod
-    def of(cls, model_dir: str | Path, device: str = "auto", checkpoint: str | None = None,
-           margin_mm: float | None = None, sha256: str | None = None) -> "ModelRef":
-        """The reference of a model folder; the checkpoint's sha256 is computed unless the caller knows it."""
-        folder = ModelFiles(model_dir).folder.resolve()
-        if sha256 is None:
-            path = folder / checkpoint if checkpoint else ModelFiles(folder).best_checkpoint
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            sha256 = digest.hexdigest()
-        return cls(str(folder), sha256, device, checkpoint, margin_mm)
-
-
 # A worker serves one run at a time; a few entries keep a cascade's stages (and a previous run's) without letting
 # a long-lived worker accumulate every model it ever saw.
 MODEL_CACHE_SIZE = 4

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from .config import EVALUATE_DEFAULTS
 from .labels import IGNORE_LABEL
@@ -364,6 +364,8 @@ def _bootstrap_mean_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator
     """
     if values.size == 1:
         return float(values[0]), float(values[0])
+    from scipy import stats  # here: scipy.stats takes a second to import, and evaluation tasks do not need it
+
     result = stats.bootstrap((values,), np.mean, n_resamples=n_boot, vectorized=True, method="percentile",
                              confidence_level=ci, rng=rng)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
