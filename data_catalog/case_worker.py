@@ -181,8 +181,9 @@ def fingerprint_case(case: dict, out_dir: str, seed: int = 0, ignore_label: int 
     try:
         image, label, geometry = _read_case(case)
         # the annotated foreground: labelled above 0, and not the unannotated voxels of sparse labels
-        annotated = None if label is None else (label > 0) & (label != ignore_label) if ignore_label is not None \
-            else label > 0
+        annotated = None
+        if label is not None:
+            annotated = label > 0 if ignore_label is None else (label > 0) & (label != ignore_label)
         channels = image if isinstance(image, list) else None
         image = channels[0] if channels is not None else image
         perm, flips = canonical_axes(geometry.direction_matrix())

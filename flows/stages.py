@@ -384,9 +384,11 @@ def run_segment(workspace: str, cfg: PipelineConfig, key: str, models: list[dict
         log.info("segment %s: --refresh segment: the segmentations of model chain %s removed", cohort, chain)
     # the serving chain may have been trained under an earlier plan (the champion, before `preprocess` changed):
     # new scans are preprocessed under its plans too (a case that fails is quarantined and left out)
-    preprocess_under_plans(workspace, cohort, [p["plan_id"] for p in plans],
-                           list(unlabelled_cases(workspace, cfg)["case_id"]), cfg.preprocess, progress)
-    items = _segment_jobs(ws, cfg, chain, models, plans, case_records(unlabelled_cases(workspace, cfg)))
+    scans = unlabelled_cases(workspace, cfg)
+    failed = preprocess_under_plans(workspace, cohort, [p["plan_id"] for p in plans], list(scans["case_id"]),
+                                    cfg.preprocess, progress)
+    scans = scans[~scans["case_id"].isin({f["case_id"] for f in failed})]  # quarantined now: left out
+    items = _segment_jobs(ws, cfg, chain, models, plans, case_records(scans))
     # a scan is done when its record is written (after its labels) and its labels are still there
     todo = [job for _case, job, record in items
             if not (record.exists() and all(Path(p).exists() for p in job.targets.values()))]
