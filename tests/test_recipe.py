@@ -73,14 +73,50 @@ def test_gpu_ladder_scales_up():
 def test_explicit_values_are_used_exactly():
     """Acceptance 5 of issue 9: the planner only fills gaps."""
     cfg = TrainConfig(time_limit_min=8, features=[12, 24, 48], stem_stride=[2, 2, 1], batch_size=3,
-                      iterations_per_epoch=17, max_epochs=9, val_every=4, augment="full")
+                      iterations_per_epoch=17, max_epochs=9, val_every=4, augment="full", ema_decay=0.0)
     timer = fake_timer({(12, 2): 0.5})
     recipe = plan(cfg, timer)
     assert recipe.features == [12, 24, 48] and recipe.stem_stride == [2, 2, 1] and recipe.batch_size == 3
     assert recipe.iterations_per_epoch == 17 and recipe.max_epochs == 9 and recipe.val_every == 4
-    assert recipe.augment == "full"
-    assert all(recipe.reasons[k] == "set in the config" for k in
-               ("features", "stem_stride", "batch_size", "iterations_per_epoch", "max_epochs", "val_every", "augment"))
+    assert recipe.augment == "full" and recipe.ema_decay == 0.0
+    assert all(recipe.reasons[k] == "set in the config" for k in ("features", "stem_stride", "batch_size",
+                                                                 "iterations_per_epoch", "max_epochs", "val_every",
+                                                                 "augment", "ema_decay"))
+
+
+def test_the_weights_average_spans_a_share_of_the_planned_iterations():
+    from unet3d.recipe import EMA_HORIZON_SHARE
+
+    budgeted = plan(TrainConfig(time_limit_min=8), fake_timer(CPU_TIMES))
+    iterations = budgeted.calibration[-2]["iterations_in_budget"]  # the chosen candidate's (the last did not fit)
+    assert 1 / (1 - budgeted.ema_decay) == pytest.approx(iterations * EMA_HORIZON_SHARE, rel=0.01)
+    unbudgeted = plan(TrainConfig(), fake_timer({}))  # 50 x 50 iterations
+    assert 1 / (1 - unbudgeted.ema_decay) == pytest.approx(50 * 50 * EMA_HORIZON_SHARE)
+    # a recipe planned before the average existed has none, and keeps its identity (its checkpoints resume)
+    old = dict(budgeted.to_dict())
+    del old["ema_decay"]
+    assert "ema_decay" not in type(budgeted).from_dict(old).identity()
+
+
+def test_the_weights_average_forgets_the_initial_weights_and_then_follows_slowly():
+    from unet3d.train import weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    net = torch.nn.Linear(3, 1, bias=False)
+    average = weight_average(net, 0.99)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    average.update_parameters(net)  # the first update copies
+    assert torch.equal(average.module.weight, net.weight)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(5):  # early on the decay warms up: (1 + n) / (10 + n), well below 0.99
+        average.update_parameters(net)
+    early = float(average.module.weight[0, 0].detach())
+    expected = 1.0
+    for n in range(1, 6):
+        expected *= (1 + n) / (10 + n)
+    assert early == pytest.approx(1 - expected, abs=1e-6) and early > 1 - 0.99 ** 5
 
 
 def test_without_a_budget_the_defaults_are_todays():
@@ -246,3 +282,17 @@ def test_a_run_the_budget_ends_between_epochs_still_validates_its_last_epoch(tmp
     assert result.stopped_by == "time_limit" and len(log) == 1
     assert "val_dice_mean" in log.columns and log["val_dice_mean"].notna().iloc[-1]
     assert result.best_val_dice is not None and result.best_epoch == 0
+
+
+def test_the_kept_model_is_the_weights_average(tmp_path):
+    from tests.test_train import tiny_spec
+    from unet3d.train import train
+
+    spec = tiny_spec(tmp_path / "store", tmp_path / "out", max_epochs=1, iterations_per_epoch=6, ema_decay=0.9)
+    result = train(spec, progress=False)
+    best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["model"]
+    latest = torch.load(result.latest_checkpoint, map_location="cpu", weights_only=True)
+    averaged = {k[len("module."):]: v for k, v in latest["average"].items() if k.startswith("module.")}
+    assert best.keys() == averaged.keys() == latest["model"].keys()
+    assert all(torch.equal(best[k], averaged[k]) for k in best)  # validated and kept: the average
+    assert not all(torch.equal(best[k], latest["model"][k]) for k in best)  # not the last step's weights

@@ -208,6 +208,8 @@ class TrainConfig(_Section):
     val_every: int | None = Field(None, ge=1)  # planned: keeps validation under 10 % of a time budget
     val_max_cases: int | None = Field(None, ge=1)
     postprocess: Literal["auto", "none", "largest_component"] = "auto"  # auto: kept where it helps validation
+    # planned: validation and the kept model use a moving average of the weights (unet3d.recipe); 0: none
+    ema_decay: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     compile: bool = False
@@ -479,7 +481,7 @@ def load_config(path: str | Path) -> PipelineConfig:
 # Train settings added after models were first trained with this project. At their default they are left out
 # of every identity of a model (its checkpoint folder, its checkpoints' resume check, its recipe), so a model
 # trained before a setting existed is still found and resumed instead of trained again from scratch.
-LATER_TRAIN_SETTINGS = ("devices", "class_weights", "init_from", "block", "skip", "gate")
+LATER_TRAIN_SETTINGS = ("devices", "class_weights", "init_from", "block", "skip", "gate", "ema_decay")
 
 
 def model_train_settings(train: dict) -> dict:

@@ -207,6 +207,21 @@ def poly_lr(base_lr: float, progress: float, exponent: float = 0.9) -> float:
     return base_lr * max(0.0, 1.0 - min(progress, 1.0)) ** exponent
 
 
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of `model`'s weights (None for decay 0), updated by `update_parameters(model)`
+    after each step. Its decay warms up as (1 + n) / (10 + n) over the first n steps, so that the random initial
+    weights are forgotten within a few steps instead of dominating a short run's average."""
+    if not decay:
+        return None
+
+    @torch.no_grad()
+    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        d = min(decay, (1.0 + float(n_averaged)) / (10.0 + float(n_averaged)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+
+
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + epoch * 104_729) % (2**31 - 1)
 
@@ -525,6 +540,9 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     if cfg.compile:
         train_model = torch.compile(train_model)
 
+    average = weight_average(model, recipe.ema_decay)
+    # what is validated, kept as the best checkpoint and so served: the weights' moving average where planned
+    evaluated: nn.Module = average.module if average is not None else model
     base_lr = cfg.lr or (1e-2 if cfg.optimizer == "sgd" else 3e-3)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.99, nesterov=True,
@@ -559,6 +577,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
+            if average is not None:
+                average.load_state_dict(state["average"])
             restore_rng_states(state["rng"])
             start_epoch, elapsed = int(state["epoch"]) + 1, float(state["elapsed"])
             history, best_dice, best_epoch = list(state["history"]), float(state["best_dice"]), int(state["best_epoch"])
@@ -623,6 +643,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update_parameters(model)
             losses.append(float(loss.detach()))
             step += 1
         train_seconds = time.perf_counter() - t_epoch
@@ -636,7 +658,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             len(losses) < iters or elapsed + time.perf_counter() - t_epoch >= time_limit_s)
         last_epoch = epoch == max_epochs - 1 or budget_spent
         if is_main and val_cases and ((epoch + 1) % recipe.val_every == 0 or last_epoch):
-            preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
+            preds = predict_cases(evaluated, val_cases, patch, num_classes, device, spec.overlap)
             dice = mean_dice(preds, val_cases, num_classes)
             for c, d in dice.items():
                 row[f"val_dice_{spec.classes.get(c, c)}"] = d
@@ -653,12 +675,12 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         history.append(row)
         if is_main:
             if improved:
-                save_torch_atomic({"model": model.state_dict(), "epoch": epoch, "val_dice_mean": best_dice,
+                save_torch_atomic({"model": evaluated.state_dict(), "epoch": epoch, "val_dice_mean": best_dice,
                                    "version": CHECKPOINT_VERSION}, best_path)
             save_torch_atomic({
                 "version": CHECKPOINT_VERSION, "identity": json.dumps(identity, sort_keys=True),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
+                **({"average": average.state_dict()} if average is not None else {}), "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
                 "best_dice": best_dice, "best_epoch": best_epoch}, latest_path)
             _write_log(history, log_path)
             if (epoch + 1) % 10 == 0:
@@ -677,15 +699,18 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             _write_curve(history, curve_path, spec.stage)
         if not best_path.exists() and latest_path.exists():
             state = torch.load(latest_path, map_location="cpu", weights_only=True)
-            save_torch_atomic({"model": state["model"], "epoch": state["epoch"], "val_dice_mean": None,
+            weights = state["model"]
+            if "average" in state:  # the averaged network's own weights (AveragedModel keeps it as `module.`)
+                weights = {k[len("module."):]: v for k, v in state["average"].items() if k.startswith("module.")}
+            save_torch_atomic({"model": weights, "epoch": state["epoch"], "val_dice_mean": None,
                                "version": CHECKPOINT_VERSION}, best_path)
         # Post-processing learned on validation (nnU-Net's rule): keep the largest connected component of a
         # class only where that raises the validation Dice of the best checkpoint.
         if val_cases and cfg.postprocess != "none" and best_path.exists():
             preds = best_preds
             if preds is None:  # the best epoch was validated in an earlier process: predict with its weights
-                model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
-                preds = predict_cases(model, val_cases, patch, num_classes, device, spec.overlap)
+                evaluated.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+                preds = predict_cases(evaluated, val_cases, patch, num_classes, device, spec.overlap)
             choice = choose_postprocessing(preds, [c.label for c in val_cases], range(1, num_classes),
                                            force=cfg.postprocess == "largest_component")
             model_meta["postprocess"] = choice
