@@ -320,3 +320,26 @@ def test_whole_configs_keep_shapes_dtypes_label_values_and_finite_images(name):
         assert out_label.shape == label.shape and out_label.dtype == label.dtype
         assert out_image.isfinite().all()
         assert set(out_label.unique().tolist()) <= set(label.unique().tolist()) | {0}
+
+
+def test_warping_onto_the_crop_equals_cropping_the_full_warp():
+    """augmenter(padded, crop=patch) resamples straight onto the patch: the same voxels as warping the whole
+    context-padded batch and cropping its centre (the training loop's old way), for flips, rotations and zooms."""
+    from unet3d.augment import center_crop
+
+    config = AugmentConfig(p_flip=0.5, p_rotate=0.6, max_rotation_deg=25.0, p_scale=0.6, scale_range=(0.8, 1.25),
+                           p_elastic=0.0, p_noise=0.0, p_blur=0.0, p_brightness=0.0, p_contrast=0.0, p_lowres=0.0,
+                           p_gamma=0.0)
+    augmenter = BatchAugmenter(config)
+    patch = (20, 16, 12)
+    big = [p + 2 * c for p, c in zip(patch, augmenter.context(patch))]
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(12, 2, *big, generator=gen)
+    label = (torch.rand(12, 1, *big, generator=gen) * 3).to(torch.uint8)
+    full_image, full_label = augmenter(image, label, torch.Generator().manual_seed(5))
+    cropped_image, cropped_label = augmenter(image, label, torch.Generator().manual_seed(5), crop=patch)
+    assert tuple(cropped_image.shape[2:]) == patch and tuple(cropped_label.shape[2:]) == patch
+    torch.testing.assert_close(cropped_image, center_crop(full_image, patch), atol=1e-5, rtol=0)
+    # nearest sampling at the same points: the same labels, but for points that fall on a voxel boundary
+    mismatch = (cropped_label != center_crop(full_label, patch)).float().mean()
+    assert mismatch < 1e-3

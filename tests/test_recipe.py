@@ -84,18 +84,10 @@ def test_explicit_values_are_used_exactly():
                                                                  "augment", "ema_decay"))
 
 
-def test_the_weights_average_spans_a_share_of_the_planned_iterations():
-    from unet3d.recipe import EMA_HORIZON_SHARE
-
-    budgeted = plan(TrainConfig(time_limit_min=8), fake_timer(CPU_TIMES))
-    iterations = budgeted.calibration[-2]["iterations_in_budget"]  # the chosen candidate's (the last did not fit)
-    assert 1 / (1 - budgeted.ema_decay) == pytest.approx(iterations * EMA_HORIZON_SHARE, rel=0.01)
-    unbudgeted = plan(TrainConfig(), fake_timer({}))  # 50 x 50 iterations
-    assert 1 / (1 - unbudgeted.ema_decay) == pytest.approx(50 * 50 * EMA_HORIZON_SHARE)
-    # a recipe planned before the average existed has none, and keeps its identity (its checkpoints resume)
-    old = dict(budgeted.to_dict())
-    del old["ema_decay"]
-    assert "ema_decay" not in type(budgeted).from_dict(old).identity()
+def test_no_weights_average_unless_the_config_sets_one():
+    recipe = plan(TrainConfig(time_limit_min=8), fake_timer(CPU_TIMES))
+    assert recipe.ema_decay == 0.0 and "ema_decay" not in recipe.identity()  # as recipes planned before it
+    assert plan(TrainConfig(time_limit_min=8, ema_decay=0.999), fake_timer(CPU_TIMES)).ema_decay == 0.999
 
 
 def test_the_weights_average_forgets_the_initial_weights_and_then_follows_slowly():

@@ -120,11 +120,12 @@ sys.exit(train.main([sys.argv[1], "--no-progress"]))
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
-    spec_a = tiny_spec(tmp_path / "a_data", tmp_path / "a_out")
+    # with a moving average of the weights: it is resumed exactly too
+    spec_a = tiny_spec(tmp_path / "a_data", tmp_path / "a_out", ema_decay=0.9)
     result_a = train(spec_a, progress=False)
     assert result_a.epochs == 4 and Path(result_a.log_path).exists() and Path(result_a.curve_path).exists()
 
-    spec_b = tiny_spec(tmp_path / "b_data", tmp_path / "b_out")
+    spec_b = tiny_spec(tmp_path / "b_data", tmp_path / "b_out", ema_decay=0.9)
     spec_path = tmp_path / "spec_b.json"
     spec_path.write_text(spec_b.to_json())
     # The child stops itself at the crash point and says so on stdout; it is killed only then, so the kill can

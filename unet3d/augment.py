@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AugmentConfig", "BatchAugmenter", "rotation_matrices", "warp"]
+__all__ = ["AugmentConfig", "BatchAugmenter", "center_crop", "rotation_matrices", "warp"]
 
 _SPATIAL_DIMS = (2, 3, 4)  # x, y, z in a (B, C, X, Y, Z) tensor
 
@@ -135,6 +135,13 @@ class AugmentConfig:
         return cls(**settings)
 
 
+def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:
+    """The central `size` of the last three axes of x (B, C, X, Y, Z): what is left of a context-padded patch
+    once spatial augmentation has warped it."""
+    starts = [(n - s) // 2 for n, s in zip(x.shape[-3:], size)]
+    return x[..., starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1], starts[2]:starts[2] + size[2]]
+
+
 def rotation_matrices(angles: Tensor) -> Tensor:
     """Rotation matrices R = Rz @ Ry @ Rx for angles in radians about the x, y and z axes.
 
@@ -157,26 +164,31 @@ def rotation_matrices(angles: Tensor) -> Tensor:
 
 
 def warp(
-    image: Tensor, label: Tensor | None, voxel_matrix: Tensor, displacement: Tensor | None = None
+    image: Tensor, label: Tensor | None, voxel_matrix: Tensor, displacement: Tensor | None = None,
+    out_size: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Resample each sample once through one grid: an affine map plus an optional displacement field.
 
     image:        (N, C, X, Y, Z) float; bilinear, 0.0 outside the input
     label:        (N, 1, X, Y, Z) integer or None; nearest, 0 outside the input
     voxel_matrix: (N, 3, 3) maps centred output voxel coordinates (x, y, z) to centred input coordinates
-                  (both measured from the patch centre, (S - 1) / 2 in voxel indices)
-    displacement: (N, 3, X, Y, Z) in voxels, (x, y, z) components, added to the input coordinate
-    Returns the resampled image and label with the input shapes and dtypes.
+                  (both measured from their grid's centre, (S - 1) / 2 in voxel indices)
+    displacement: (N, 3, *out_size) in voxels, (x, y, z) components, added to the input coordinate
+    out_size:     the output grid (default: the input's), centred on the input: a smaller one is the central
+                  crop of the full-size result, computed without the voxels the crop would discard
+    Returns the resampled image and label with the input dtypes.
     """
-    sizes = image.shape[2:]
+    sizes = tuple(image.shape[2:])
+    out_sizes = tuple(out_size) if out_size is not None else sizes
     compute_dtype = torch.promote_types(image.dtype, torch.float32)  # half-precision grids drift
     size = _to_device(torch.tensor(sizes, dtype=compute_dtype), image.device)
+    out = _to_device(torch.tensor(out_sizes, dtype=compute_dtype), image.device)
     # affine_grid works in normalised coordinates (2 c / S with align_corners=False) listed in (z, y, x)
     # order, the reverse of our (x, y, z) tensor dimensions.
-    normalised = voxel_matrix.to(compute_dtype) * size[None, None, :] / size[None, :, None]
+    normalised = voxel_matrix.to(compute_dtype) * out[None, None, :] / size[None, :, None]
     theta = torch.zeros(image.shape[0], 3, 4, dtype=compute_dtype, device=image.device)
     theta[:, :, :3] = normalised.flip(1, 2)
-    grid = F.affine_grid(theta, [image.shape[0], 1, *sizes], align_corners=False)
+    grid = F.affine_grid(theta, [image.shape[0], 1, *out_sizes], align_corners=False)
     if displacement is not None:
         normalised_shift = displacement.to(compute_dtype) * (2.0 / size).view(1, 3, 1, 1, 1)
         grid = grid + normalised_shift.flip(1).permute(0, 2, 3, 4, 1)
@@ -289,19 +301,28 @@ class BatchAugmenter:
         elastic = cfg.elastic_alpha_vox if cfg.p_elastic > 0 else 0.0
         return [max(0, int(math.ceil(float(r) + elastic - h)) + 1) for r, h in zip(reach, half)]
 
-    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """image (B, C, X, Y, Z) float, label (B, 1, X, Y, Z) integer -> augmented (same shapes, dtypes, device).
+    def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator,
+                 crop: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """image (B, C, X, Y, Z) float, label (B, 1, X, Y, Z) integer -> augmented (same dtypes and device).
 
+        crop: the central (x, y, z) size to return of a context-padded batch (see `context`): warped samples are
+        resampled straight onto it from the whole padded input, the others are cropped first, and intensity
+        transforms see only the crop. The result equals the crop of the full-size result (intensity statistics
+        aside: contrast and gamma use the crop's), at the cost of the crop alone.
         Inputs are never modified in place; a tensor no transform touched is returned as it came in.
         """
         self._check_inputs(image, label, generator)
         draws, host_draws = self._draw(image.shape[0], image.shape[1], generator, image.device)
         chosen = self._choose(host_draws)
 
+        source_image, source_label = image, label
+        if crop is not None and tuple(crop) != tuple(image.shape[2:]):
+            image, label = center_crop(image, crop), center_crop(label, crop)
         spatial = chosen["warp"].any() or chosen["flip"].any()
         intensity = any(chosen[name].any() for name in self._INTENSITY)
         if spatial:
-            image, label = self._spatial(image.clone(), label.clone(), draws, chosen, generator)
+            image, label = self._spatial(image.clone(), label.clone(), draws, chosen, generator, source_image,
+                                         source_label)
         elif intensity:
             image = image.clone()
         if intensity:
@@ -342,9 +363,10 @@ class BatchAugmenter:
 
     def _spatial(
         self, image: Tensor, label: Tensor, draws: dict[str, Tensor], chosen: dict[str, Tensor],
-        generator: torch.Generator,
+        generator: torch.Generator, source_image: Tensor, source_label: Tensor,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """Flip-only samples by torch.flip; samples with rotation/scale/elastic by one warp. In place."""
+        """Flip-only samples by torch.flip; samples with rotation/scale/elastic by one warp of the source (the
+        same batch, or the context-padded batch `image` is the central crop of). In place."""
         device = image.device
         flip_only = chosen["flip"].any(dim=1) & ~chosen["warp"]
         # Group by flip pattern (at most 7) rather than loop over samples.
@@ -366,7 +388,8 @@ class BatchAugmenter:
             displacement = torch.zeros(len(rows), 3, *image.shape[2:], dtype=matrix.dtype, device=device)
             elastic_rows = _to_device(elastic.nonzero().flatten(), device)
             displacement[elastic_rows] = self._elastic_field(len(elastic_rows), image.shape[2:], generator, device)
-        image[rows], label[rows] = warp(image[rows], label[rows], matrix, displacement)
+        image[rows], label[rows] = warp(source_image[rows], source_label[rows], matrix, displacement,
+                                        out_size=image.shape[2:])
         return image, label
 
     def _voxel_matrices(

@@ -208,7 +208,7 @@ class TrainConfig(_Section):
     val_every: int | None = Field(None, ge=1)  # planned: keeps validation under 10 % of a time budget
     val_max_cases: int | None = Field(None, ge=1)
     postprocess: Literal["auto", "none", "largest_component"] = "auto"  # auto: kept where it helps validation
-    # planned: validation and the kept model use a moving average of the weights (unet3d.recipe); 0: none
+    # e.g. 0.999: validation and the kept model use this moving average of the weights; default none (unet3d.recipe)
     ema_decay: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
     seed: int = 0
     threads: int | None = Field(None, ge=1)

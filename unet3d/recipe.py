@@ -18,10 +18,9 @@ used exactly as given):
   budget and validation every epoch unless its measured cost would take more than ``MAX_VALIDATION_SHARE`` of
   the budget; without one, 50 x 50 iterations, validation every epoch.
 * ``batch_size``: 2 (nnU-Net's choice; on a CPU a larger batch only costs proportionally more time).
-* ``ema_decay``: validation, the best checkpoint and so inference use an exponential moving average of the
-  weights over about the last ``1/EMA_HORIZON_SHARE`` of the planned iterations (0 turns it off). A run cut
-  short by its budget is validated mid-schedule, at a learning rate still high: the average smooths out the
-  last steps' noise (README "Quality": the measured gain).
+* ``ema_decay``: 0, no moving average of the weights. Set (e.g. 0.999), validation, the best checkpoint and so
+  inference use the average. It did not earn a default: on the 8-minute hippocampus cascade the test Dice was
+  0.8685 with an average over 5 % of the iterations and 0.874 without (README "Quality").
 
 The recipe, every candidate's measured time and the reason for each choice are written to ``model.json`` and
 the training log, so a user sees what was chosen and why, and can pin any part of it in the config.
@@ -56,9 +55,6 @@ DEFAULT_BATCH = 2
 DEFAULT_FEATURES = [16, 32, 64, 128]
 MAX_FEATURES = 320
 CALIBRATION_ITERATIONS = 3
-# The weights' moving average spans about this share of the planned iterations (bounded below and above)
-EMA_HORIZON_SHARE = 0.05
-EMA_MIN_HORIZON, EMA_MAX_HORIZON = 10, 1000
 # A cascade's first stage only has to find the organ on a coarse grid (its box is grown by a margin, so a
 # rough mask will do) and converges in a fraction of the iterations: it gets this share of the cascade's time.
 ROI_STAGE_SHARE = 0.3
@@ -269,11 +265,8 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
         ema_decay = cfg.ema_decay
         reasons["ema_decay"] = "set in the config"
     else:
-        planned_iterations = total_iterations if budget_s is not None else max_epochs * iterations_per_epoch
-        horizon = int(np.clip(round(planned_iterations * EMA_HORIZON_SHARE), EMA_MIN_HORIZON, EMA_MAX_HORIZON))
-        ema_decay = round(1.0 - 1.0 / horizon, 6)
-        reasons["ema_decay"] = (f"validated and kept weights average about the last {horizon} of {planned_iterations} "
-                                f"planned iterations ({EMA_HORIZON_SHARE:.0%})")
+        ema_decay = 0.0
+        reasons["ema_decay"] = "none: a moving average of the weights showed no gain on the hippocampus benchmark"
     recipe = Recipe(features=list(features), stem_stride=list(stem), batch_size=batch, patch_size=list(patch),
                     iterations_per_epoch=iterations_per_epoch, max_epochs=max_epochs, val_every=val_every,
                     augment=augment, ema_decay=ema_decay, seconds_per_iteration=t_iter, calibration=calibration,
@@ -306,7 +299,6 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
     from .augment import PRESETS, AugmentConfig, BatchAugmenter
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .models import architecture_parts, build_network, slice_axis_for
-    from .sampling import center_crop
     from .train import autocast, network_topology
 
     architecture = dict(architecture or {"architecture": "unet3d"})
@@ -329,8 +321,7 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        img, lab = (augmenter(x, y, gen) if augmenter is not None else (x, y))
-        img, lab = center_crop(img, patch), center_crop(lab, patch)
+        img, lab = (augmenter(x, y, gen, crop=patch) if augmenter is not None else (x, y))
         with autocast(device):
             out = net(img)
         loss = loss_fn([o.float() for o in out], lab.long())

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .augment import center_crop  # noqa: F401 (where train, recipe and tests take it from)
 from .case_folder import read_case_folder
 from .config import TRAIN_DEFAULTS
 from .labels import IGNORE_LABEL, map_labels
@@ -211,8 +212,3 @@ class PatchSampler:
         return image, label
 
 
-def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The central `size` of the last three axes of x (B, C, X, Y, Z): what is left of a context-padded patch
-    once spatial augmentation has warped it."""
-    starts = [(n - s) // 2 for n, s in zip(x.shape[-3:], size)]
-    return x[..., starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1], starts[2]:starts[2] + size[2]]

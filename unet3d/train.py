@@ -49,7 +49,7 @@ from .models import (architecture_parts, build_network, count_parameters, plan_t
 from .postprocess import choose_postprocessing
 from .labels import IGNORE_LABEL
 from .recipe import Recipe, cuda_patch_voxels, plan_recipe, plan_slice_patch_size
-from .sampling import CaseData, PatchSampler, center_crop, load_case, plan_patch_size
+from .sampling import CaseData, PatchSampler, load_case, plan_patch_size
 from .sliding_window import sliding_window_predict
 
 log = logging.getLogger(__name__)
@@ -630,10 +630,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             image, label = sampler.sample(rng)
-            if augmenter is not None:
-                image, label = augmenter(image, label, aug_gen)
-            if any(context):
-                image, label = center_crop(image, patch), center_crop(label, patch)
+            if augmenter is not None:  # warped from the context-padded patch straight onto the patch
+                image, label = augmenter(image, label, aug_gen, crop=patch)
             with autocast(device):
                 outputs = train_model(image)
             loss = criterion(_float(outputs), label.long())
