@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--architecture", default="unet3d")
     parser.add_argument("--features", default=None, help="e.g. 16,32,64,128 (default: planned by the recipe)")
     parser.add_argument("--stem", type=int, default=None, help="stem stride 1 or 2 (default: planned)")
-    parser.add_argument("--patch", default=None, help="X,Y,Z (default: planned, 40x56x40)")
+    parser.add_argument("--patch", default=None, help="X,Y,Z (default: planned; 32x48x32 on a CPU, 40x56x40 on a GPU)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     parser.add_argument("--lr", type=float, default=None)

@@ -53,7 +53,7 @@ def test_planner_takes_the_most_capable_network_that_fits_the_budget():
 
 def test_a_longer_budget_buys_a_larger_network_and_full_augmentation():
     short = plan(TrainConfig(time_limit_min=2), fake_timer(CPU_TIMES))
-    long = plan(TrainConfig(time_limit_min=600), fake_timer(CPU_TIMES))
+    long = plan(TrainConfig(time_limit_min=1200), fake_timer(CPU_TIMES))
     assert sum(long.features) > sum(short.features)
     assert long.augment == "full" and short.augment == "light"
 

@@ -85,6 +85,26 @@ def test_map_labels_and_patch_planning():
     assert np.prod(big) <= 128**3 and extent.max() / extent.min() < 1.5  # shrunk along the longest physical axes
 
 
+def test_on_a_cpu_the_patch_fits_the_structure_not_the_whole_scan(tmp_path):
+    """Foreground extents (a compute-bound device) shrink the patch to the extent 90 % of the cases' structure
+    fits in, never below half the scan (context), never above the whole-scan patch."""
+    scans = [(35, 50, 36)] * 10
+    hippocampus = [(22, 39, 26)] * 8 + [(25, 43, 30), (27, 48, 37)]  # MSD hippocampus: median and tail
+    assert plan_patch_size(scans, (1, 1, 1), 128**3, foreground_extents=hippocampus) == [32, 48, 32]
+    lesion = [(4, 5, 3)] * 10  # a small structure keeps half the scan around it
+    assert plan_patch_size(scans, (1, 1, 1), 128**3, foreground_extents=lesion) == [24, 32, 24]
+    organ = [(35, 50, 36)] * 10  # a structure that fills the scan keeps the whole-scan patch
+    assert plan_patch_size(scans, (1, 1, 1), 128**3, foreground_extents=organ) == [40, 56, 40]
+
+    label = np.zeros((30, 28, 20), np.uint8)
+    label[3:9, 10:12, 4:5] = 1
+    label[20, 2, 19] = 255  # unannotated voxels are not foreground
+    image = np.zeros((1, 30, 28, 20), np.float32)
+    from unet3d.sampling import CaseData
+    assert CaseData("c", image, label, (1.0, 1.0, 1.0)).foreground_extent() == (6, 2, 1)
+    assert CaseData("c", image, np.zeros_like(label), (1.0, 1.0, 1.0)).foreground_extent() is None
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -179,3 +199,16 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["epochs"] == 2 and result["world_size"] == 2
     assert Path(result["best_checkpoint"]).exists()
+
+
+def test_the_structure_fitted_patch_is_planned_only_against_a_time_budget(tmp_path):
+    """A CPU run against a time budget plans a patch that fits the structure (more iterations in the budget); a run
+    of a fixed number of iterations keeps the whole-region patch (a smaller one would only see less)."""
+    patches = {}
+    for budget in (None, 5.0):
+        spec = tiny_spec(tmp_path / f"d{budget}", tmp_path / f"out{budget}", patch_size=None, max_epochs=1,
+                         iterations_per_epoch=1, time_limit_min=budget)
+        train(spec, progress=False)
+        patches[budget] = json.loads((tmp_path / f"out{budget}" / "model.json").read_text())["patch_size"]
+    # regions 20x22x14 with an 8x8x6 blob: half the region (10x11x7) rounded up, against the whole region
+    assert patches[None] == [24, 24, 16] and patches[5.0] == [16, 16, 8]

@@ -47,6 +47,20 @@ class CaseData:
     def nbytes(self) -> int:
         return int(self.image.nbytes + (self.label.nbytes if self.label is not None else 0))
 
+    def foreground_extent(self) -> tuple[int, int, int] | None:
+        """(x, y, z) size of the bounding box of the labelled foreground (unannotated voxels aside); None without
+        a label or foreground."""
+        if self.label is None:
+            return None
+        mask = (self.label > 0) & (self.label != IGNORE_LABEL)
+        extent = []
+        for axis in range(3):
+            present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            if not len(present):
+                return None
+            extent.append(int(present[-1] - present[0] + 1))
+        return tuple(extent)  # type: ignore[return-value]
+
 
 def roi_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[list[int]] | None:
     """Bounding box [start, stop) of a mask's foreground, grown by margin_mm and clipped; None if empty."""
@@ -94,11 +108,22 @@ def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict 
 
 
 def plan_patch_size(shapes: Sequence[Sequence[int]], spacing: Sequence[float], max_voxels: int,
-                    multiple: int = 8) -> list[int]:
+                    multiple: int = 8, foreground_extents: Sequence[Sequence[int]] | None = None) -> list[int]:
     """The median shape rounded up to a multiple of 8 (the whole structure fits, as nnU-Net plans for
-    small volumes), shrunk along the physically longest axis until under the voxel budget."""
+    small volumes), shrunk along the physically longest axis until under the voxel budget.
+
+    `foreground_extents` (each training case's foreground bounding-box size; given where compute, not memory,
+    limits training: a time budget on a CPU) shrink it to what the structure needs: per axis the extent that 90 % of the cases'
+    foreground fits in, and at least half the median shape (context around a small structure), rounded up to a
+    multiple of 8. On a scan already cropped around its structure (MSD hippocampus: 35x50x36 voxels, foreground
+    22x39x26) the background beyond the structure costs time without teaching much: 32x48x32 instead of 40x56x40
+    reached a higher validation Dice at every point of a 12-minute CPU run (README "Training recipe").
+    """
     median = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
     patch = [max(multiple, int(math.ceil(m / multiple) * multiple)) for m in median]
+    if foreground_extents:
+        needed = np.maximum(np.percentile(np.asarray(foreground_extents, dtype=np.float64), 90, axis=0), median / 2)
+        patch = [min(p, max(multiple, int(math.ceil(n / multiple) * multiple))) for p, n in zip(patch, needed)]
     while int(np.prod(patch)) > max_voxels:
         extents = [p * s if p > multiple else -1 for p, s in zip(patch, spacing)]
         axis = int(np.argmax(extents))

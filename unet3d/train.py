@@ -466,9 +466,14 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     # a slice-wise (2D) network: its patch is a stack of whole slices, each slice one 2D sample
     slice_axis = slice_axis_for(spacing) if architecture_parts(cfg.architecture).slice_wise else None
     shapes, max_voxels = [c.region_shape() for c in train_cases], cuda_patch_voxels(device, cfg.max_patch_voxels)
+    # Trained against a time budget on a CPU, compute (not memory) limits training: a patch that fits the structure
+    # rather than the whole scan buys more iterations in the same time. (With a fixed number of iterations it
+    # would only see less: the demo's organ lost 0.03 Dice that way.)
+    fit_to_structure = device.type == "cpu" and cfg.time_limit_min is not None
+    extents = [e for e in (c.foreground_extent() for c in train_cases) if e is not None] if fit_to_structure else None
     patch = list(spec.patch_size or cfg.patch_size or (warm.patch_size if warm is not None else None) or
                  (plan_slice_patch_size(shapes, slice_axis, max_voxels) if slice_axis is not None
-                  else plan_patch_size(shapes, spacing, max_voxels)))
+                  else plan_patch_size(shapes, spacing, max_voxels, foreground_extents=extents)))
     num_classes = spec.num_classes
     # The input channels come from the data (image (C, X, Y, Z)): 1, or a multi-channel cohort's channels
     in_channels = int(train_cases[0].image.shape[0])
