@@ -112,12 +112,13 @@ def plan_patch_size(shapes: Sequence[Sequence[int]], spacing: Sequence[float], m
     """The median shape rounded up to a multiple of 8 (the whole structure fits, as nnU-Net plans for
     small volumes), shrunk along the physically longest axis until under the voxel budget.
 
-    `foreground_extents` (each training case's foreground bounding-box size; given where compute, not memory,
-    limits training: a time budget on a CPU) shrink it to what the structure needs: per axis the extent that 90 % of the cases'
-    foreground fits in, and at least half the median shape (context around a small structure), rounded up to a
-    multiple of 8. On a scan already cropped around its structure (MSD hippocampus: 35x50x36 voxels, foreground
-    22x39x26) the background beyond the structure costs time without teaching much: 32x48x32 instead of 40x56x40
-    reached a higher validation Dice at every point of a 12-minute CPU run (README "Training recipe").
+    `foreground_extents`, each training case's foreground bounding-box size, are given where compute and not
+    memory limits training (a time budget on a CPU). They shrink the patch to what the structure needs: per
+    axis the extent that 90 % of the cases' foreground fits in, at least half the median shape (context around
+    a small structure), rounded up to a multiple of 8. On scans already cropped around their structure (MSD
+    hippocampus: 35x50x36 voxels, foreground 22x39x26) the background beyond it costs time without teaching
+    much: 32x48x32 instead of 40x56x40 was ahead at every validation of a 12-minute CPU run (README "Training
+    recipe").
     """
     median = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
     patch = [max(multiple, int(math.ceil(m / multiple) * multiple)) for m in median]

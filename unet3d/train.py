@@ -546,7 +546,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         train_model = torch.compile(train_model)
 
     average = weight_average(model, recipe.ema_decay)
-    # what is validated, kept as the best checkpoint and so served: the weights' moving average where planned
+    # what is validated, kept as the best checkpoint and so served: the weights' moving average where one is set
     evaluated: nn.Module = average.module if average is not None else model
     base_lr = cfg.lr or (1e-2 if cfg.optimizer == "sgd" else 3e-3)
     if cfg.optimizer == "sgd":
@@ -683,7 +683,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
             save_torch_atomic({
                 "version": CHECKPOINT_VERSION, "identity": json.dumps(identity, sort_keys=True),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                **({"average": average.state_dict()} if average is not None else {}), "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
+                **({"average": average.state_dict()} if average is not None else {}),
+                "epoch": epoch, "elapsed": elapsed, "rng": rng_states(), "history": history,
                 "best_dice": best_dice, "best_epoch": best_epoch}, latest_path)
             _write_log(history, log_path)
             if (epoch + 1) % 10 == 0:
