@@ -98,11 +98,17 @@ def test_on_a_cpu_the_patch_fits_the_structure_not_the_whole_scan(tmp_path):
 
     label = np.zeros((30, 28, 20), np.uint8)
     label[3:9, 10:12, 4:5] = 1
+    label[5, 11, 4] = 2  # every class counts
     label[20, 2, 19] = 255  # unannotated voxels are not foreground
-    image = np.zeros((1, 30, 28, 20), np.float32)
-    from unet3d.sampling import CaseData
-    assert CaseData("c", image, label, (1.0, 1.0, 1.0)).foreground_extent() == (6, 2, 1)
-    assert CaseData("c", image, np.zeros_like(label), (1.0, 1.0, 1.0)).foreground_extent() is None
+    empty = np.zeros_like(label)
+    for name, case_label in (("c", label), ("empty", empty)):
+        d = tmp_path / f"{name}__0000"
+        d.mkdir()
+        np.save(d / "image.npy", np.zeros((1, 30, 28, 20), np.float32))
+        np.save(d / "label.npy", case_label)
+        (d / "props.json").write_text(json.dumps({"case_id": name, "effective_spacing": [1.0, 1.0, 1.0]}))
+    assert load_case(tmp_path / "c__0000", {1: 1, 2: 2}).foreground_extent == (6, 2, 1)
+    assert load_case(tmp_path / "empty__0000", {1: 1, 2: 2}).foreground_extent is None
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

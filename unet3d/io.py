@@ -219,7 +219,8 @@ def read_image(source: str | Path | Sequence[str], max_voxels: int | None = None
     limit = MAX_IMAGE_VOXELS if max_voxels is None else max_voxels
     reader = _file_reader(path)
     # A NIfTI header within the limit needs no second parse by ITK (a third of a small file's read time)
-    if (_nifti_voxel_count(path) or limit + 1) > limit:
+    claimed = _nifti_voxel_count(path)
+    if claimed is None or claimed > limit:
         reader.ReadImageInformation()
         check_size(HeaderInfo(Geometry.of(reader), "", int(reader.GetNumberOfComponents()), {}), limit=max_voxels,
                    name=str(path))

@@ -34,6 +34,8 @@ class CaseData:
     spacing: tuple[float, float, float]
     roi_box: list[list[int]] | None = None  # cascade stage 2: reference ROI (with margin) on this grid
     foreground: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (N, 3) voxel coordinates
+    # (x, y, z) size of the bounding box of every labelled class (unannotated voxels aside); None: no foreground
+    foreground_extent: tuple[int, int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -46,20 +48,6 @@ class CaseData:
 
     def nbytes(self) -> int:
         return int(self.image.nbytes + (self.label.nbytes if self.label is not None else 0))
-
-    def foreground_extent(self) -> tuple[int, int, int] | None:
-        """(x, y, z) size of the bounding box of the labelled foreground (unannotated voxels aside); None without
-        a label or foreground."""
-        if self.label is None:
-            return None
-        mask = (self.label > 0) & (self.label != IGNORE_LABEL)
-        extent = []
-        for axis in range(3):
-            present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            if not len(present):
-                return None
-            extent.append(int(present[-1] - present[0] + 1))
-        return tuple(extent)  # type: ignore[return-value]
 
 
 def roi_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> list[list[int]] | None:
@@ -97,13 +85,19 @@ def load_case(case_dir: str | Path, label_map: dict[int, int] | None, roi: dict 
     case = CaseData(meta["case_id"], image, label, spacing, box)  # type: ignore[arg-type]
     if label is not None:
         rng = np.random.default_rng(seed)
+        low, high = None, None
         for c in np.unique(label):
             if c == 0 or c == IGNORE_LABEL:
                 continue
             coords = np.argwhere(label == c).astype(np.int32)
+            # the foreground's bounding box, from every coordinate (before the sampling centres are thinned out)
+            low = coords.min(0) if low is None else np.minimum(low, coords.min(0))
+            high = coords.max(0) if high is None else np.maximum(high, coords.max(0))
             if len(coords) > MAX_FOREGROUND_COORDS:
                 coords = coords[rng.choice(len(coords), MAX_FOREGROUND_COORDS, replace=False)]
             case.foreground[int(c)] = coords
+        if low is not None:
+            case.foreground_extent = tuple(int(e) for e in high - low + 1)  # type: ignore[assignment]
     return case
 
 

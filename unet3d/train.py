@@ -470,7 +470,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     # rather than the whole scan buys more iterations in the same time. (With a fixed number of iterations it
     # would only see less: the demo's organ lost 0.03 Dice that way.)
     fit_to_structure = device.type == "cpu" and cfg.time_limit_min is not None
-    extents = [e for e in (c.foreground_extent() for c in train_cases) if e is not None] if fit_to_structure else None
+    extents = [c.foreground_extent for c in train_cases if c.foreground_extent] if fit_to_structure else None
     patch = list(spec.patch_size or cfg.patch_size or (warm.patch_size if warm is not None else None) or
                  (plan_slice_patch_size(shapes, slice_axis, max_voxels) if slice_axis is not None
                   else plan_patch_size(shapes, spacing, max_voxels, foreground_extents=extents)))
