@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from unet3d.io import (Geometry, ImageTooLarge, detached_data_files, dicom_slice_positions, nifti_nonfinite_voxels,
-                       read_case_image, to_numpy)
+                       read_case_image, read_nifti_direct, to_numpy)
 from unet3d.resample import canonical_axes
 
 from .channels import sha256_channels
@@ -118,7 +118,8 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
         if case.source_kind == "dicom":
             out["issues"] += _check_dicom_slices(case.image_files, path)
-        image = _read_checked(case.image_files, case.source_kind == "dicom", "image", path, case.roots, out["issues"])
+        image, raw_checked = _read_checked(case.image_files, case.source_kind == "dicom", "image", path, case.roots,
+                                           out["issues"])
         if image is not None:
             image_geometry = Geometry.of(image)
             out.update(_geometry_fields(image_geometry))
@@ -127,11 +128,12 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                 out["issues"].append(issue_row("not_3d", path, f"image {_not_3d_description(image)}"))
             else:
                 out["issues"] += _check_spacing(image_geometry.spacing, path) or \
-                    (_check_nifti_pixdim(case.image_files[0], path) if case.source_kind != "dicom" else [])
+                    (_check_nifti_pixdim(case.image_files[0], path) if case.source_kind != "dicom" and not raw_checked
+                     else [])
                 voxels = to_numpy(image)
                 n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) \
                     if np.issubdtype(voxels.dtype, np.floating) else 0
-                if case.source_kind != "dicom":
+                if case.source_kind != "dicom" and not raw_checked:
                     try:  # ITK reads NIfTI NaN as 0 and may accept a truncated .nii.gz: check the raw data
                         n_bad = max(n_bad, nifti_nonfinite_voxels(case.image_files[0]) or 0)
                     except ValueError as exc:
@@ -148,7 +150,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
             out["label_stat"] = stat_fingerprint([path])
         except OSError as exc:
             out["issues"].append(issue_row("unreadable", path, f"cannot read file: {exc}"))
-        label = _read_checked([path], False, "label", path, case.roots, out["issues"])
+        label, raw_checked = _read_checked([path], False, "label", path, case.roots, out["issues"])
         if label is not None:
             lg = Geometry.of(label)
             if image_geometry is None:
@@ -161,7 +163,7 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
                     out["issues"] += _compare_geometry(image_geometry, lg, path)
                 out["issues"] += _check_label_values(to_numpy(label), declared_labels, path)
                 try:
-                    if nifti_nonfinite_voxels(path):
+                    if not raw_checked and nifti_nonfinite_voxels(path):
                         out["issues"].append(issue_row("label_non_integer", path, "label holds NaN/Inf voxels"))
                 except ValueError as exc:
                     out["issues"].append(issue_row("unreadable", path, str(exc)))
@@ -193,10 +195,12 @@ def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
                       f"slice(s) missing); read as one volume its spacing would be wrong")]
 
 
-def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tuple[str, ...], issues: list[dict]):
-    """read_case_image, or None with an issue: a header naming a data file outside the cohort
-    (path_outside_cohort, not read), a header claiming too many voxels (too_large, refused before reading), or a
-    read error."""
+def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tuple[str, ...],
+                  issues: list[dict]) -> tuple[object | None, bool]:
+    """(read_case_image, whether its raw data was checked): None with an issue for a header naming a data file
+    outside the cohort (path_outside_cohort, not read), a header claiming too many voxels (too_large, refused
+    before reading), or a read error. The raw data is checked when a NIfTI file was read without ITK
+    (read_nifti_direct): it was then whole, finite and of a valid voxel size, so it needs no second read."""
     if roots and not dicom:
         try:
             escaping = [f for f in detached_data_files(files[0]) if not any(is_inside(Path(r), f) for r in roots)]
@@ -205,14 +209,18 @@ def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tu
         if escaping:
             issues.append(issue_row("path_outside_cohort", path, f"the {what}'s header reads its voxels from "
                                                                  f"{escaping[0]}, outside the cohort folder: not read"))
-            return None
+            return None, False
+    if not dicom and len(files) == 1:
+        direct = read_nifti_direct(files[0])
+        if direct is not None:
+            return direct.image, True
     try:
-        return read_case_image(files, dicom)
+        return read_case_image(files, dicom), False
     except ImageTooLarge as exc:  # refused from the header, before any voxel is read
         issues.append(issue_row("too_large", path, f"{what} {_first_line(exc)}"))
     except Exception as exc:  # SimpleITK raises RuntimeError with ITK's message
         issues.append(issue_row("unreadable", path, f"SimpleITK cannot read the {what}: {_first_line(exc)}"))
-    return None
+    return None, False
 
 
 def _not_3d_description(image) -> str:
@@ -264,20 +272,20 @@ def _check_channels(case: SourceCase, first: Geometry | None) -> list[dict]:
     issues: list[dict] = []
     for channel, file in enumerate(case.image_files[1:], start=1):
         name = f"case {case.case_id}: channel {channel} ({Path(file).name})"
-        image = _read_checked([file], False, f"channel {channel}", file, case.roots, issues)
+        image, raw_checked = _read_checked([file], False, f"channel {channel}", file, case.roots, issues)
         if image is None:
             continue
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             issues.append(issue_row("not_3d", file, f"{name} {_not_3d_description(image)}"))
             continue
         geometry = Geometry.of(image)
-        issues += _check_spacing(geometry.spacing, file) or _check_nifti_pixdim(file, file)
+        issues += _check_spacing(geometry.spacing, file) or ([] if raw_checked else _check_nifti_pixdim(file, file))
         if first is not None and first.ndim == 3:
             issues += _compare_geometry(first, geometry, file, what=name, reference="channel 0")
         voxels = to_numpy(image)
         n_bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels))) if np.issubdtype(voxels.dtype, np.floating) else 0
         try:
-            n_bad = max(n_bad, nifti_nonfinite_voxels(file) or 0)
+            n_bad = max(n_bad, 0 if raw_checked else nifti_nonfinite_voxels(file) or 0)
         except ValueError as exc:
             issues.append(issue_row("unreadable", file, f"{name}: {exc}"))
         if n_bad:
