@@ -17,6 +17,7 @@ from flows.settings import apply_defaults, resolve_workspace  # noqa: F401  (res
 apply_defaults()
 
 import errno  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -164,24 +165,43 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
 # ---------------------------------------------------------------------------------------------------------
 # One flow per stage
 # ---------------------------------------------------------------------------------------------------------
-@flow(name="ingest")
+class _FlowOnFirstCall:
+    """A stage's Prefect flow, made when it is first called. Prefect builds a flow's parameter JSON schema when
+    the flow is made (40 ms for a PipelineConfig parameter on a 2-core machine); a command runs only some of the
+    stages, and `unet3d preprocess` paid 0.4 s at import for the nine it did not all need."""
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name, self._flow = fn, name, None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self._flow is None:
+            self._flow = flow(name=self.name)(self.fn)
+        return self._flow(*args, **kwargs)
+
+
+def deferred_flow(name: str):
+    return lambda fn: _FlowOnFirstCall(fn, name)
+
+
+@deferred_flow("ingest")
 def ingest_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
     return _call("ingest", "ingest", ingest_task, K.key_ingest(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
 
 
-@flow(name="preprocess")
+@deferred_flow("preprocess")
 def preprocess_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
     refresh_set = set(refresh or [])
     return _call("preprocess", "preprocess", preprocess_task, K.key_preprocess(workspace, cfg), workspace, refresh_set,
                  dict(cfg=cfg, replan="preprocess" in refresh_set))
 
 
-@flow(name="split")
+@deferred_flow("split")
 def split_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
     return _call("split", "split", split_task, K.key_split(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
 
 
-@flow(name="train")
+@deferred_flow("train")
 def train_flow(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
     out = []
     refresh_set = set(refresh or [])
@@ -194,26 +214,26 @@ def train_flow(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: l
     return out
 
 
-@flow(name="infer")
+@deferred_flow("infer")
 def infer_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
     refresh_set = set(refresh or [])
     return _call("infer", "infer", infer_task, K.key_infer(workspace, cfg, trains, preprocess), workspace,
                  refresh_set, dict(cfg=cfg, trains=trains, preprocess=preprocess, refresh="infer" in refresh_set))
 
 
-@flow(name="evaluate")
+@deferred_flow("evaluate")
 def evaluate_flow(workspace: str, cfg: PipelineConfig, infer: dict, refresh: list[str] | None = None) -> dict:
     return _call("evaluate", "evaluate", evaluate_task, K.key_evaluate(cfg, infer), workspace, set(refresh or []),
                  dict(cfg=cfg, infer=infer))
 
 
-@flow(name="report")
+@deferred_flow("report")
 def report_flow(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: list[str] | None = None) -> dict:
     return _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, set(refresh or []),
                  dict(cfg=cfg, evaluate=evaluate))
 
 
-@flow(name="segment")
+@deferred_flow("segment")
 def segment_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict,
                  refresh: list[str] | None = None) -> dict:
     """The unlabelled scans with the serving models (flows.stages.serving_models); its volumes table is the
@@ -330,7 +350,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     return _final_state(results)
 
 
-@flow(name="champion")
+@deferred_flow("champion")
 def champion_flow(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict) -> dict:
     """The run's models against the cohort's champion (flows/champion.py); not a cached stage: a decision made
     before for the same pair is read back from the decisions table, so a run with nothing new decides nothing."""
