@@ -1,6 +1,8 @@
 """What a user pays per command (issue 11, acceptance 6): `unet3d preprocess` on the 220-case hippocampus
 cohort end to end against a running Prefect server, against nnU-Net v2's fingerprint + plan + preprocess on
-the same files in the same run; then the same command again with everything cached.
+the same files in the same run; then the same command again with everything cached. Each is timed on `--repeats`
+fresh workspaces and the best is reported (this machine's speed drifts; nnU-Net's chain too, as many times), after `--settle` seconds that let the
+new server finish its own start-up (a team's server has been running for days).
 
 A real `prefect server start` on 127.0.0.1 (its own PREFECT_HOME, so nothing of the user's is touched) is
 started first and is not timed: the commands run against it as a scheduled team's commands do. Each command is
@@ -69,6 +71,8 @@ def main() -> int:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "msd_hippocampus"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--nnunet-bin", default=None, help="bin/ of an environment with nnunetv2 installed")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh workspaces per side; the best is reported")
+    parser.add_argument("--settle", type=float, default=10.0, help="seconds to let the new server finish starting")
     args = parser.parse_args()
 
     from data_catalog.tables import Catalog
@@ -83,22 +87,30 @@ def main() -> int:
                           "labels: {1: anterior, 2: posterior}\n"
                           f"preprocess: {{workers: {args.workers}}}\n")
         env = dict(os.environ, PREFECT_API_URL=url, PREFECT_HOME=str(root / "prefect_home"))
-        unet3d = [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "preprocess", str(config)]
-        cold = timed_command(unet3d, env)  # ingest + fingerprint + plan + preprocess of every case
-        cached = timed_command(unet3d, env)  # the same command again: every stage cached
+        time.sleep(args.settle)  # a team's server has been up for days: its start-up work is not the command's
+        colds, cacheds = [], []
+        for i in range(args.repeats):  # this machine's speed drifts: the best of a few fresh workspaces
+            unet3d = [sys.executable, "-m", "flows.cli", "--workspace", str(ws) + str(i), "preprocess", str(config)]
+            colds.append(timed_command(unet3d, env))  # ingest + fingerprint + plan + preprocess of every case
+            cacheds.append(timed_command(unet3d, env))  # the same command again: every stage cached
+        cold, cached = min(colds), min(cacheds)
+        ws = Path(str(ws) + "0")
         nnunet = None
         if args.nnunet_bin:
             cases = Catalog(ws).cases(cohort="hippocampus", status="ok").to_dict("records")
-            nnunet = nnunet_chain(Path(args.nnunet_bin), root, "hippocampus", cases,
-                                  {"background": 0, "anterior": 1, "posterior": 2}, "MRI", args.workers, 504)
+            runs = [nnunet_chain(Path(args.nnunet_bin), root, "hippocampus", cases,
+                                 {"background": 0, "anterior": 1, "posterior": 2}, "MRI", args.workers, 504)
+                    for _ in range(args.repeats)]  # the best of as many runs as ours
+            nnunet = min(runs, key=lambda r: r["seconds"])
     finally:
         server.terminate()
         server.wait(timeout=60)
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"unet3d preprocess, 220 cases, {args.workers} workers, against a running server: {cold:.1f} s "
-          f"(ingest + fingerprint + plan + preprocess, Python start included)")
-    print(f"the same command with every stage cached: {cached:.1f} s")
+          f"(ingest + fingerprint + plan + preprocess, Python start included; best of "
+          f"{', '.join(f'{c:.1f}' for c in colds)})")
+    print(f"the same command with every stage cached: {cached:.1f} s (best of {', '.join(f'{c:.1f}' for c in cacheds)})")
     if nnunet:
         print(f"nnU-Net v2 fingerprint + plan + preprocess, same files, {nnunet['workers']} processes: "
               f"{nnunet['seconds']:.1f} s -> ours is {nnunet['seconds'] / cold:.1f}x faster")
