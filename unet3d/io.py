@@ -588,15 +588,18 @@ def read_nifti_direct(path: str | Path, max_voxels: int | None = None) -> NiftiR
             n = int(size[0]) * int(size[1]) * int(size[2])
             if n > limit:
                 return None  # ITK's header check raises ImageTooLarge with its message
-            need = offset + n * dtype.itemsize
-            # never more than the header says the data holds (a small .gz may expand to far more)
-            raw = header + (inflater.decompress(inflater.unconsumed_tail, need - len(header)) if packed
-                            else f.read(need - len(header)))
+            skip = offset - len(header)  # the data's start in what follows the header's 352 bytes
+            if skip < 0:
+                return None
+            need = skip + n * dtype.itemsize
+            # never more than the header says the data holds (a small .gz may expand to far more); not joined to
+            # the header, which would copy the whole volume once more
+            body = inflater.decompress(inflater.unconsumed_tail, need) if packed else f.read(need)
     except (OSError, zlib.error):
         return None
-    if len(raw) < need:
+    if len(body) < need:
         return None  # truncated (or a member after the first: gzip's concatenated members are left to ITK)
-    data = np.frombuffer(raw, dtype=dtype, count=n, offset=offset)
+    data = np.frombuffer(body, dtype=dtype, count=n, offset=skip)
     if dtype.kind == "f" and not np.isfinite(data).all():
         return None
     # The file's x runs fastest, as in SimpleITK's (z, y, x) arrays
