@@ -53,7 +53,7 @@ def main() -> int:
         if direct is None:
             left_to_itk += 1
             continue
-        if not same(direct.image, itk):
+        if not same(direct, itk):
             raise SystemExit(f"{path}: the direct reader disagrees with SimpleITK")
         files.append(str(path))
     if not files:

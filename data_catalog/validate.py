@@ -213,7 +213,7 @@ def _read_checked(files: list[str], dicom: bool, what: str, path: str, roots: tu
     if not dicom and len(files) == 1:
         direct = read_nifti_direct(files[0])
         if direct is not None:
-            return direct.image, True
+            return direct, True
     try:
         return read_case_image(files, dicom), False
     except ImageTooLarge as exc:  # refused from the header, before any voxel is read

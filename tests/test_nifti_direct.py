@@ -19,7 +19,7 @@ SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "
 def assert_reads_as_itk(path: Path) -> None:
     direct = read_nifti_direct(path)
     assert direct is not None, f"{path.name} was left to ITK"
-    image, reference = direct.image, sitk.ReadImage(str(path))
+    image, reference = direct, sitk.ReadImage(str(path))
     assert image.GetSize() == reference.GetSize()
     assert image.GetPixelID() == reference.GetPixelID()
     np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=1e-12)
@@ -77,7 +77,7 @@ def test_a_big_endian_file_reads_as_itk_reads_it(tmp_path):
     big = tmp_path / "big.nii"
     big.write_bytes(bytes(swapped))
     assert_reads_as_itk(big)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(read_nifti_direct(big).image),
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(read_nifti_direct(big)),
                                   sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))))
 
 
