@@ -319,7 +319,7 @@ def cmd_ingest(args) -> int:
 
 
 def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import run_pipeline
     from unet3d.config import load_config
 
     from flows.preflight import preflight
@@ -329,7 +329,7 @@ def _run_pipeline(config: str, ws: str, refresh: list[str], until: str) -> dict:
 
     t0 = time.perf_counter()
     _start_api_server_in_own_session()
-    results = pipeline_flow(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)
+    results = run_pipeline(config_path=str(Path(config).resolve()), workspace=ws, refresh=refresh, until=until)
     _print_run(results, time.perf_counter() - t0)
     return results
 
@@ -653,7 +653,7 @@ def cmd_runs(args) -> int:
 def cmd_serve(args) -> int:
     from prefect.schedules import Cron
 
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import run_pipeline
     from unet3d.config import load_config
 
     from flows.preflight import preflight

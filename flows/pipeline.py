@@ -16,13 +16,17 @@ from flows.settings import apply_defaults, resolve_workspace  # noqa: F401  (res
 
 apply_defaults()
 
+import contextlib  # noqa: E402
+import contextvars  # noqa: E402
 import errno  # noqa: E402
 import functools  # noqa: E402
 import logging  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
+from prefect import __version__ as prefect_version  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
@@ -322,10 +326,11 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg.cohort.name, ws,
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
-    # The stage subflows run in this flow run's process, whose own heartbeat already tells a crashed process;
-    # a heartbeat thread per subflow would only add its shutdown wait (up to a second each, 6 s of a fully
-    # cached run).
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # The stage subflows run in this flow run's process, whose own heartbeat already tells a crashed process
+    # (Prefect's, or _flow_run_heartbeat's from a command line); a heartbeat thread per subflow would only add
+    # its shutdown wait (up to a second each, 6 s of a fully cached run).
+    with _flow_run_heartbeat(_HEARTBEAT_SECONDS.get()), \
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         results["ingest"] = ingest_flow(ws, cfg, refresh_list)
         # a cohort's first run: its image sizes are known only now, still before preprocessing or training
         check_patch_fits_cohort(cfg, ws)
@@ -348,6 +353,71 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     if "report" in results:
         _publish_artifacts(results["report"])
     return _final_state(results)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline from a command line: a heartbeat that stops at once
+# ---------------------------------------------------------------------------------------------------------
+# Prefect's heartbeat thread sleeps in whole seconds and is joined when the flow run ends: every command waited
+# up to a second (half on average) after its work was done. A command line runs the pipeline with that thread
+# off and beats from _flow_run_heartbeat instead: the same event at the same interval, stopped without a wait.
+_HEARTBEAT_SECONDS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("unet3d_heartbeat", default=None)
+
+
+def run_pipeline(config_path: str, workspace: Optional[str] = None, refresh: Optional[list[str]] = None,
+                 until: str = "report") -> dict:
+    """pipeline_flow for the command line, with the heartbeat of _flow_run_heartbeat in place of Prefect's."""
+    from prefect.settings import get_current_settings
+
+    token = _HEARTBEAT_SECONDS.set(get_current_settings().flows.heartbeat_frequency)
+    try:
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return pipeline_flow(config_path=config_path, workspace=workspace, refresh=refresh, until=until)
+    finally:
+        _HEARTBEAT_SECONDS.reset(token)
+
+
+@contextlib.contextmanager
+def _flow_run_heartbeat(seconds: Optional[int]):
+    """Emit `prefect.flow-run.heartbeat` for the current flow run every `seconds` (Prefect's event: what a
+    zombie-run automation watches), from a thread that ends as soon as the block does; nothing when None."""
+    if not seconds:
+        yield
+        return
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+    from prefect.events.related import tags_as_related_resources
+    from prefect.events.schemas.events import RelatedResource
+
+    context = FlowRunContext.get()
+    run = context.flow_run
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name or "",
+                "prefect.version": prefect_version}
+    related = [RelatedResource.model_validate({"prefect.resource.id": f"prefect.flow.{run.flow_id}",
+                                               "prefect.resource.role": "flow",
+                                               "prefect.resource.name": context.flow.name})]
+    if run.deployment_id:
+        related.append(RelatedResource.model_validate({"prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
+                                                       "prefect.resource.role": "deployment"}))
+    related += tags_as_related_resources(set(run.tags or []))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
+            except Exception:  # a missed beat is not the run's failure
+                logging.getLogger("flows").debug("heartbeat not sent", exc_info=True)
+            stop.wait(max(seconds, 30))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True,
+                              name="unet3d-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)
 
 
 @deferred_flow("champion")

@@ -249,3 +249,41 @@ def test_the_pipeline_run_carries_the_summary_artifact_and_the_stage_log(trained
     text = "\n".join(log.message for log in logs)
     assert "stage train-organ: cached" in text and "stage report: cached" in text
     assert f"run {run_id}: summary" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 12: fixed overhead per command
+# ---------------------------------------------------------------------------------------------------------
+def test_a_command_does_not_wait_for_prefects_heartbeat_thread_yet_beats(tiny_cohort, tmp_path, monkeypatch):
+    """Prefect's heartbeat thread sleeps in whole seconds and is joined when the flow run ends: every command
+    waited up to a second after its work. From the command line the pipeline's run has that thread off, and
+    the same heartbeat event comes from a thread that stops at once."""
+    from contextlib import contextmanager
+
+    import prefect.events
+    import prefect.flow_engine as engine
+
+    from flows import cli
+
+    heartbeat_of_runs = []
+    prefects_heartbeat = engine._send_heartbeats
+
+    @contextmanager
+    def spy(run_engine, *args, **kwargs):
+        heartbeat_of_runs.append((run_engine.flow.name, run_engine.heartbeat_seconds))
+        with prefects_heartbeat(run_engine, *args, **kwargs):
+            yield
+
+    beats = []
+    monkeypatch.setattr(engine, "_send_heartbeats", spy)
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: beats.append(event))
+    config = write_config(tmp_path / "c.yaml", tiny_cohort)
+    assert cli.main(["--workspace", str(tmp_path / "ws"), "preprocess", str(config)]) == 0
+    assert ("unet3d-pipeline", None) in heartbeat_of_runs, heartbeat_of_runs  # Prefect's thread is off ...
+    assert all(seconds is None for _, seconds in heartbeat_of_runs)
+    # ... and the run still beats, as Prefect's engine would (the first beat at the start of the run)
+    assert [b["event"] for b in beats] == ["prefect.flow-run.heartbeat"]
+    resource, related = beats[0]["resource"], beats[0]["related"]
+    assert resource["prefect.resource.id"].startswith("prefect.flow-run.")
+    assert [r["prefect.resource.role"] for r in related][:1] == ["flow"]
+    assert related[0]["prefect.resource.name"] == "unet3d-pipeline"
