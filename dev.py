@@ -21,6 +21,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".unet3d-installed"
+PACKAGES = ("unet3d", "data_catalog", "flows")
 
 
 def ensure_environment() -> None:
@@ -43,11 +44,22 @@ def ensure_environment() -> None:
     STAMP.write_text(wanted)
 
 
+def compile_project(root: Path = ROOT, python: Path = PYTHON) -> None:
+    """Byte-compile the project's packages, as pip does for an installed (not editable) package. Where
+    PYTHONDONTWRITEBYTECODE is set (many CI and container images) an editable install is otherwise compiled
+    again by every process that imports it: 0.15 s per command, and again in each worker process. Only files
+    changed since their last compile are compiled."""
+    folders = [str(root / p) for p in PACKAGES if (root / p).is_dir()]
+    subprocess.run([str(python), "-m", "compileall", "-q", *folders], check=True,
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test"}:
         print(__doc__)
         return 2
     ensure_environment()
+    compile_project()
     # UTF-8 mode: the CLI prints non-ASCII (progress bars, arrows) and tests decode it, whatever the locale
     env = dict(os.environ, PYTHONUTF8="1")
     if argv[0] == "demo":
