@@ -150,7 +150,7 @@ def main() -> int:
             command = [sys.executable, __file__, "--one", arm, "--cohort", str(cohort_file), "--workspace",
                        str(workspace), "--iterations", str(args.iterations), "--features", args.features,
                        "--cases", str(args.cases), "--threads", str(args.threads)]
-            running.append((arm, subprocess.Popen(command, stdout=subprocess.PIPE, text=True)))
+            running.append((arm, subprocess.Popen(command, stdout=subprocess.PIPE, encoding="utf-8")))
         time.sleep(1)
         for arm, proc in list(running):
             if proc.poll() is None:

@@ -59,7 +59,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
 
 def timed_command(argv: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    done = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")

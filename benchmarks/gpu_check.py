@@ -77,7 +77,7 @@ def last_json_line(text: str) -> dict | None:
 def run_step(command: list[str], limit_s: int) -> dict:
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit_s,
+        done = subprocess.run(command, cwd=REPO, capture_output=True, encoding="utf-8", timeout=limit_s,
                               env=dict(os.environ, PYTHONUTF8="1"))
         rc, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:

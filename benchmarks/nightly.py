@@ -68,7 +68,7 @@ def write_night_config(root: Path, name: str, minutes: float, warm: bool, lr: fl
 def run_night(config: Path, workspace: Path) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "unet3d", "run", str(config), "--workspace", str(workspace)],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"unet3d run {config} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -83,7 +83,7 @@ def nnunet_chain(nnunet_bin: Path, ws: Path, name: str, cases, labels: dict, mod
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run([str(nnunet_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "3d_fullres",
-                           "-np", str(workers), "-npfp", str(workers)], env=env, capture_output=True, text=True)
+                           "-np", str(workers), "-npfp", str(workers)], env=env, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"nnU-Net failed: {proc.stderr[-2000:]}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 def unet3d(*args: str, env=None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "unet3d", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "unet3d", *args], cwd=REPO, env=env, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"unet3d {' '.join(args)} failed:\n{proc.stderr[-3000:]}")

@@ -24,6 +24,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(autouse=True)
+def _process_locale_kept():
+    """A library that changes the C locale in a test (GDCM's DICOM writer sets "C") does not change how later
+    tests of the same process decode text."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def shared_data_dir(name: str = "") -> Path:
     """../shared/data (or a folder in it); skips the test with the reason when it is absent (a user's clone)."""
     path = SHARED_DATA / name

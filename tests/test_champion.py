@@ -96,7 +96,7 @@ def _config(tmp_path: Path, cohort: Path, name: str, **train) -> Path:
 
 def _cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "unet3d", *args], cwd=REPO, env=env or dict(os.environ),
-                         capture_output=True, text=True, timeout=1200)
+                         capture_output=True, encoding="utf-8", timeout=1200)
     if check:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
@@ -135,7 +135,7 @@ def _read_back(env: dict) -> dict:
                               "events": [{"event": e.event, "resource": dict(e.resource), "payload": e.payload,
                                           "related": [dict(r) for r in e.related]} for e in events]}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -47,8 +47,8 @@ def test_torch_after_local_cluster_uses_every_core():
             "import torch\n"
             "print(torch.get_num_threads())\n")
     default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                             capture_output=True, text=True, check=True, env=_clean_env()).stdout.strip()
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                             capture_output=True, encoding="utf-8", check=True, env=_clean_env()).stdout.strip()
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True, cwd=ROOT,
                          env=_clean_env()).stdout.strip().splitlines()[-1]
     assert got == default
 

@@ -220,7 +220,7 @@ def test_changed_parameters_regenerate(tmp_path):
 
 
 def test_leftover_partial_files_of_a_dead_run_are_removed(tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, encoding="utf-8")
     dead_pid = int(finished.stdout)
     images = tmp_path / "c" / "imagesTr"
     images.mkdir(parents=True)

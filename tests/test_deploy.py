@@ -270,7 +270,7 @@ def run_compose_config(tmp_path: Path, files: list[Path], password: str | None,
         args += ["-f", str(path)]
     if profile:
         args += ["--profile", profile]
-    return subprocess.run([*args, "config", "-q"], capture_output=True, text=True, env=env, cwd=DEPLOY, timeout=60)
+    return subprocess.run([*args, "config", "-q"], capture_output=True, encoding="utf-8", env=env, cwd=DEPLOY, timeout=60)
 
 
 def test_compose_config_validates(tmp_path):

@@ -18,7 +18,7 @@ def test_the_pipeline_modules_do_not_import_heavy_libraries_at_their_top():
             f"for name in {PIPELINE_MODULES!r}:\n"
             f"    importlib.import_module(name)\n"
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT, check=True)
     assert done.stdout.strip() == ""
 
 
@@ -43,5 +43,5 @@ def test_the_work_sent_to_a_dask_cluster_unpickles_without_torch(tmp_path):
     code = (f"import pickle, sys\n"
             f"pickle.loads(open({str(blob)!r}, 'rb').read())\n"
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT, check=True)
     assert done.stdout.strip() == ""

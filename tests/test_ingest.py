@@ -3,6 +3,7 @@ concurrent writers, DICOM series."""
 from __future__ import annotations
 
 import json
+import locale
 import multiprocessing
 from pathlib import Path
 
@@ -189,6 +190,14 @@ def write_dicom_series(folder: Path, array: np.ndarray, spacing, series_uid: str
     volume.SetSpacing(spacing)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets "C" and leaves it
+    try:
+        _write_slices(writer, volume, folder, spacing, series_uid, patient)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_slices(writer, volume, folder: Path, spacing, series_uid: str, patient: str) -> None:
     for z in range(volume.GetDepth()):
         s = volume[:, :, z]
         for tag, value in {"0008|0060": "CT", "0010|0020": patient, "0020|000e": series_uid,
@@ -199,6 +208,15 @@ def write_dicom_series(folder: Path, array: np.ndarray, spacing, series_uid: str
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(s)
+
+
+def test_writing_a_dicom_series_leaves_the_process_locale_as_it_was(tmp_path):
+    """GDCM's writer sets the C library's locale to "C" and leaves it there: every later test of this process
+    that decoded a subprocess's output with the locale's encoding then read ASCII and failed on a progress
+    bar (`pytest tests/test_ingest.py tests/test_multichannel.py`)."""
+    before = (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False))
+    write_dicom_series(tmp_path / "s", blob((8, 8, 3), dtype=np.int16), (1.0, 1.0, 2.0), "1.2.3.9", "PX")
+    assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before
 
 
 def test_dicom_series_each_series_is_a_case(tmp_path):

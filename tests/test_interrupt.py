@@ -63,7 +63,7 @@ def test_ctrl_c_during_training_exits_130_in_one_line_and_the_rerun_resumes(tiny
                           train={"max_epochs": 4, "iterations_per_epoch": 40})
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_unet3d("--workspace", str(ws), "run", str(config)), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", start_new_session=True)
     # training has begun once its first epoch is logged in the model folder (epochs long enough that the
     # signal arrives in the middle of training)
     out, err = _interrupt_when(proc, lambda: bool(list(ws.glob("models/tiny/organ-*/train_log.parquet"))),
@@ -76,7 +76,7 @@ def test_ctrl_c_during_training_exits_130_in_one_line_and_the_rerun_resumes(tiny
         assert noise not in err + out
 
     rerun = subprocess.run(_unet3d("--workspace", str(ws), "-v", "run", str(config)), cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, encoding="utf-8", timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "stage organ: resuming after epoch" in rerun.stderr
     train_row = next(line for line in rerun.stdout.splitlines() if line.startswith("train-organ"))
@@ -95,7 +95,7 @@ def test_ctrl_c_during_preprocessing_stops_the_dask_workers_quietly(tmp_path):
     config = write_config(tmp_path / "c.yaml", cohort, preprocess={"workers": 2})
     proc = subprocess.Popen(_unet3d("--workspace", str(ws), "run", str(config)), cwd=REPO,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, encoding="utf-8", start_new_session=True)
     # the first case written: the workers are running
     out, err = _interrupt_when(proc, lambda: bool(list(ws.glob("preprocessed/*/*/*"))), "preprocessing")
     lines = _console_lines(err)

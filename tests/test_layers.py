@@ -32,7 +32,7 @@ def test_data_catalog_does_not_import_flows():
 
 
 def test_python_dash_m_unet3d_runs_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "unet3d", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "unet3d", "--help"], capture_output=True,
                           encoding="utf-8", timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: unet3d") and "predict" in proc.stdout

@@ -36,7 +36,7 @@ TINY = {"architecture": "unet3d", "features": [4, 8], "max_epochs": 1, "iteratio
 
 
 def unet3d(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, capture_output=True, encoding="utf-8",
                           timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 

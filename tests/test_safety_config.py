@@ -81,7 +81,7 @@ def _cli(capsys, *argv, env: dict | None = None) -> tuple[int, str]:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, encoding="utf-8", timeout=300,
                           cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **(env or {})})
     return proc.returncode, proc.stderr.strip()
 

@@ -171,7 +171,7 @@ def _predict(ws: Path, model: str, image: Path, out: Path) -> tuple[int, str]:
     import sys
 
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "--workspace", str(ws), "predict", "--model", model,
-                           str(image), "--out", str(out), "--device", "cpu"], capture_output=True, text=True,
+                           str(image), "--out", str(out), "--device", "cpu"], capture_output=True,
                           encoding="utf-8", timeout=300, cwd=Path(__file__).resolve().parent.parent)
     return proc.returncode, proc.stderr.strip()
 

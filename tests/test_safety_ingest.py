@@ -91,7 +91,7 @@ def test_a_tiny_file_claiming_a_huge_volume_is_refused_from_its_header(tmp_path)
         print(json.dumps({{"seconds": seconds, "issues": out["issues"],
                           "peak_mb": int(hwm.split()[1]) / 1024}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [i["code"] for i in report["issues"]] == ["too_large"], report

@@ -71,7 +71,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
             print(tmp, flush=True)
             os._exit(9)  # killed in the middle of the write
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, encoding="utf-8", timeout=60)
     leftover = Path(out.stdout.strip())
     assert out.returncode == 9 and leftover.exists() and leftover.parent == tmp_path
     other = tmp_path / ".other.pt.vm-1-abcdefgh.tmp"  # another file's temporary: not ours to remove

@@ -74,7 +74,7 @@ def test_served_deployment_runs_and_writes_metrics(tiny_cohort, tmp_path):
             print(json.dumps({"state": run.state.type.value, "cron": sched.cron, "timezone": sched.timezone,
                               "parameters": dep.parameters}))
         """)
-        out = subprocess.run([sys.executable, "-c", client_script], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", client_script], env=env, capture_output=True, encoding="utf-8",
                              timeout=1500)
         assert out.returncode == 0, out.stderr[-3000:]
         result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -157,7 +157,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     # The child stops itself at the crash point and says so on stdout; it is killed only then, so the kill can
     # neither come too late (training finished) nor land at a random moment.
     proc = subprocess.Popen([sys.executable, "-c", KILL_MID_CHECKPOINT, str(spec_path)], cwd=REPO,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, encoding="utf-8")
     try:
         # select only bounds a hung child; the line itself arrives at the crash point ("" if the child ended)
         reported = proc.stdout.readline() if select.select([proc.stdout], [], [], 300)[0] else ""
@@ -200,7 +200,7 @@ def test_ddp_two_processes_on_cpu_with_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(29500 + os.getpid() % 1000), "-m", "unet3d.train", str(path), "--no-progress"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["epochs"] == 2 and result["world_size"] == 2

@@ -152,7 +152,7 @@ def test_unet3d_ingest_takes_an_unlabelled_folder(tmp_path, scans):
     shutil.copy(scans[0], folder / "night_001.nii.gz")
     done = subprocess.run([sys.executable, "-m", "flows.cli", "--workspace", str(tmp_path / "ws"), "ingest", str(source),
                            "--cohort", "t", "--unlabelled", str(folder)], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                          capture_output=True, encoding="utf-8", timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "11 cases (11 ok, 0 quarantined)" in done.stdout and "1 unlabelled scans in" in done.stdout
     cases = Catalog(tmp_path / "ws").cases(cohort="t").set_index("case_id")
