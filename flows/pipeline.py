@@ -1,8 +1,8 @@
-"""Prefect flows: one per stage, and the pipeline flow that chains them.
+"""The pipeline flow: one Prefect flow whose task runs are the stages.
 
 ingest -> preprocess (Dask) -> split -> train (one task per cascade stage) -> infer -> evaluate -> report
 
-Every stage is a Prefect task whose cache key is the stage key of flows/cache_keys.py and whose result (small:
+Every stage is a Prefect task run of the pipeline's flow run, whose cache key is the stage key of flows/cache_keys.py and whose result (small:
 paths, hashes, counts) is persisted in the workspace. A stage is called with `refresh_cache` when the user
 asked for it (`--refresh STAGE` refreshes that stage and everything downstream) or when its completion
 marker or outputs are missing. Inside a stage the work is resumable on its own (preprocessing per case,
@@ -19,7 +19,6 @@ apply_defaults()
 import contextlib  # noqa: E402
 import contextvars  # noqa: E402
 import errno  # noqa: E402
-import functools  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -28,6 +27,7 @@ from typing import Any, Optional  # noqa: E402
 
 from prefect import __version__ as prefect_version  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
 
@@ -167,86 +167,58 @@ def _call(stage: str, marker_name: str, task_fn, key: str, workspace: str, refre
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One flow per stage
+# The stages, each a cached task run of the pipeline's own flow run
 # ---------------------------------------------------------------------------------------------------------
-class _FlowOnFirstCall:
-    """A stage's Prefect flow, made when it is first called. Prefect builds a flow's parameter JSON schema when
-    the flow is made (40 ms for a PipelineConfig parameter on a 2-core machine); a command runs only some of the
-    stages, and `unet3d preprocess` paid 0.4 s at import for the nine it did not all need."""
-
-    def __init__(self, fn, name: str):
-        self.fn, self.name, self._flow = fn, name, None
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args, **kwargs):
-        if self._flow is None:
-            self._flow = flow(name=self.name)(self.fn)
-        return self._flow(*args, **kwargs)
+# Plain functions, not subflows: a subflow run costs its own flow run on the server (create, two state changes,
+# reads: 0.2 s per stage on a 2-core machine, 2 s of a fully cached 9-stage run), and the stages' task runs
+# and their logs then sit on the flow run a user opens in the UI.
+def ingest_stage(workspace: str, cfg: PipelineConfig, refresh: set[str]) -> dict:
+    return _call("ingest", "ingest", ingest_task, K.key_ingest(workspace, cfg), workspace, refresh, dict(cfg=cfg))
 
 
-def deferred_flow(name: str):
-    return lambda fn: _FlowOnFirstCall(fn, name)
+def preprocess_stage(workspace: str, cfg: PipelineConfig, refresh: set[str]) -> dict:
+    return _call("preprocess", "preprocess", preprocess_task, K.key_preprocess(workspace, cfg), workspace, refresh,
+                 dict(cfg=cfg, replan="preprocess" in refresh))
 
 
-@deferred_flow("ingest")
-def ingest_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
-    return _call("ingest", "ingest", ingest_task, K.key_ingest(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
+def split_stage(workspace: str, cfg: PipelineConfig, refresh: set[str]) -> dict:
+    return _call("split", "split", split_task, K.key_split(workspace, cfg), workspace, refresh, dict(cfg=cfg))
 
 
-@deferred_flow("preprocess")
-def preprocess_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
-    refresh_set = set(refresh or [])
-    return _call("preprocess", "preprocess", preprocess_task, K.key_preprocess(workspace, cfg), workspace, refresh_set,
-                 dict(cfg=cfg, replan="preprocess" in refresh_set))
-
-
-@deferred_flow("split")
-def split_flow(workspace: str, cfg: PipelineConfig, refresh: list[str] | None = None) -> dict:
-    return _call("split", "split", split_task, K.key_split(workspace, cfg), workspace, set(refresh or []), dict(cfg=cfg))
-
-
-@deferred_flow("train")
-def train_flow(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: list[str] | None = None) -> list[dict]:
+def train_stage(workspace: str, cfg: PipelineConfig, preprocess: dict, refresh: set[str]) -> list[dict]:
     out = []
-    refresh_set = set(refresh or [])
     for stage in cfg.resolved_stages():
         key = K.key_train(workspace, cfg, stage, preprocess)
         # --refresh train retrains from scratch (the stage's old checkpoints are removed, not resumed)
-        out.append(_call("train", f"train-{stage.name}", train_task, key, workspace, refresh_set,
-                         dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh_set),
+        out.append(_call("train", f"train-{stage.name}", train_task, key, workspace, refresh,
+                         dict(cfg=cfg, stage=stage, preprocess=preprocess, refresh="train" in refresh),
                          model_dir=str(S.model_folder(workspace, cfg, stage, preprocess)[0])))
     return out
 
 
-@deferred_flow("infer")
-def infer_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict, refresh: list[str] | None = None) -> dict:
-    refresh_set = set(refresh or [])
+def infer_stage(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict, refresh: set[str]) -> dict:
     return _call("infer", "infer", infer_task, K.key_infer(workspace, cfg, trains, preprocess), workspace,
-                 refresh_set, dict(cfg=cfg, trains=trains, preprocess=preprocess, refresh="infer" in refresh_set))
+                 refresh, dict(cfg=cfg, trains=trains, preprocess=preprocess, refresh="infer" in refresh))
 
 
-@deferred_flow("evaluate")
-def evaluate_flow(workspace: str, cfg: PipelineConfig, infer: dict, refresh: list[str] | None = None) -> dict:
-    return _call("evaluate", "evaluate", evaluate_task, K.key_evaluate(cfg, infer), workspace, set(refresh or []),
+def evaluate_stage(workspace: str, cfg: PipelineConfig, infer: dict, refresh: set[str]) -> dict:
+    return _call("evaluate", "evaluate", evaluate_task, K.key_evaluate(cfg, infer), workspace, refresh,
                  dict(cfg=cfg, infer=infer))
 
 
-@deferred_flow("report")
-def report_flow(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: list[str] | None = None) -> dict:
-    return _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, set(refresh or []),
+def report_stage(workspace: str, cfg: PipelineConfig, evaluate: dict, refresh: set[str]) -> dict:
+    return _call("report", "report", report_task, K.key_report(cfg, evaluate), workspace, refresh,
                  dict(cfg=cfg, evaluate=evaluate))
 
 
-@deferred_flow("segment")
-def segment_flow(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict,
-                 refresh: list[str] | None = None) -> dict:
+def segment_stage(workspace: str, cfg: PipelineConfig, trains: list[dict], preprocess: dict,
+                  refresh: set[str]) -> dict:
     """The unlabelled scans with the serving models (flows.stages.serving_models); its volumes table is the
     partition of this run (the run id of infer's key)."""
-    refresh_set = set(refresh or [])
     models = S.serving_models(workspace, cfg, trains)
     run_id = K.run_id_for(cfg, K.key_infer(workspace, cfg, trains, preprocess))
     return _call("segment", "segment", segment_task, K.key_segment(workspace, cfg, models, run_id), workspace,
-                 refresh_set, dict(cfg=cfg, models=models, run_id=run_id, refresh="segment" in refresh_set))
+                 refresh, dict(cfg=cfg, models=models, run_id=run_id, refresh="segment" in refresh))
 
 
 ARTIFACT_METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95_mm")
@@ -326,29 +298,26 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
     logger.info("pipeline %s on cohort %s, workspace %s%s", config_path, cfg.cohort.name, ws,
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
-    # The stage subflows run in this flow run's process, whose own heartbeat already tells a crashed process
-    # (Prefect's, or _flow_run_heartbeat's from a command line); a heartbeat thread per subflow would only add
-    # its shutdown wait (up to a second each, 6 s of a fully cached run).
-    with _flow_run_heartbeat(_HEARTBEAT_SECONDS.get()), \
-            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        results["ingest"] = ingest_flow(ws, cfg, refresh_list)
+    refresh_set = set(refresh_list)
+    with _flow_run_heartbeat(_HEARTBEAT_SECONDS.get()):
+        results["ingest"] = ingest_stage(ws, cfg, refresh_set)
         # a cohort's first run: its image sizes are known only now, still before preprocessing or training
         check_patch_fits_cohort(cfg, ws)
         if last >= 1:
-            results["preprocess"] = preprocess_flow(ws, cfg, refresh_list)
+            results["preprocess"] = preprocess_stage(ws, cfg, refresh_set)
         if last >= 2:
-            results["split"] = split_flow(ws, cfg, refresh_list)
+            results["split"] = split_stage(ws, cfg, refresh_set)
         if last >= 3:
-            results["train"] = train_flow(ws, cfg, results["preprocess"], refresh_list)
+            results["train"] = train_stage(ws, cfg, results["preprocess"], refresh_set)
         if last >= 4:
-            results["infer"] = infer_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
+            results["infer"] = infer_stage(ws, cfg, results["train"], results["preprocess"], refresh_set)
         if last >= 5:
-            results["evaluate"] = evaluate_flow(ws, cfg, results["infer"], refresh_list)
-            results["champion"] = champion_flow(ws, cfg, results["infer"], results["evaluate"])
+            results["evaluate"] = evaluate_stage(ws, cfg, results["infer"], refresh_set)
+            results["champion"] = champion_task(ws, cfg, results["infer"], results["evaluate"])
         if last >= 6:
-            results["report"] = report_flow(ws, cfg, results["evaluate"], refresh_list)
+            results["report"] = report_stage(ws, cfg, results["evaluate"], refresh_set)
         if until in ("report", "segment"):  # after train, last: it feeds no stage
-            results["segment"] = segment_flow(ws, cfg, results["train"], results["preprocess"], refresh_list)
+            results["segment"] = segment_stage(ws, cfg, results["train"], results["preprocess"], refresh_set)
     _log_outcome(results)
     if "report" in results:
         _publish_artifacts(results["report"])
@@ -420,8 +389,8 @@ def _flow_run_heartbeat(seconds: Optional[int]):
         thread.join(timeout=2)
 
 
-@deferred_flow("champion")
-def champion_flow(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict) -> dict:
+@task(name="champion", cache_policy=NO_CACHE)
+def champion_task(workspace: str, cfg: PipelineConfig, infer: dict, evaluate: dict) -> dict:
     """The run's models against the cohort's champion (flows/champion.py); not a cached stage: a decision made
     before for the same pair is read back from the decisions table, so a run with nothing new decides nothing."""
     result = S.run_champion(workspace, cfg, infer, evaluate)
@@ -454,8 +423,8 @@ def _final_state(results: dict[str, Any]):
 
 
 def _log_outcome(results: dict[str, Any]) -> None:
-    """Each stage's outcome, and the summary table, in the pipeline's own log (each stage's details are in its
-    subflow run's log)."""
+    """Each stage's outcome, and the summary table, at the end of the pipeline's log (each stage's details are
+    logged by its task run, in the same flow run's log)."""
     logger = get_run_logger()
     for name in STAGES:
         for item in (results[name] if isinstance(results.get(name), list) else [results.get(name)]):
