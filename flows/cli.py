@@ -653,7 +653,7 @@ def cmd_runs(args) -> int:
 def cmd_serve(args) -> int:
     from prefect.schedules import Cron
 
-    from flows.pipeline import run_pipeline
+    from flows.pipeline import pipeline_flow
     from unet3d.config import load_config
 
     from flows.preflight import preflight

@@ -299,7 +299,7 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
                 f", refreshing {', '.join(refresh_list)}" if refresh_list else "")
     results: dict[str, Any] = {"workspace": ws}
     refresh_set = set(refresh_list)
-    with _flow_run_heartbeat(_HEARTBEAT_SECONDS.get()):
+    with _flow_run_heartbeat(_OWN_HEARTBEAT["seconds"]):
         results["ingest"] = ingest_stage(ws, cfg, refresh_set)
         # a cohort's first run: its image sizes are known only now, still before preprocessing or training
         check_patch_fits_cohort(cfg, ws)
@@ -330,7 +330,8 @@ def pipeline_flow(config_path: str, workspace: str | None = None, refresh: list[
 # Prefect's heartbeat thread sleeps in whole seconds and is joined when the flow run ends: every command waited
 # up to a second (half on average) after its work was done. A command line runs the pipeline with that thread
 # off and beats from _flow_run_heartbeat instead: the same event at the same interval, stopped without a wait.
-_HEARTBEAT_SECONDS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("unet3d_heartbeat", default=None)
+# A plain dict, not a ContextVar: a served deployment's runner pickles pipeline_flow with the globals it uses.
+_OWN_HEARTBEAT: dict[str, Optional[int]] = {"seconds": None}
 
 
 def run_pipeline(config_path: str, workspace: Optional[str] = None, refresh: Optional[list[str]] = None,
@@ -338,12 +339,13 @@ def run_pipeline(config_path: str, workspace: Optional[str] = None, refresh: Opt
     """pipeline_flow for the command line, with the heartbeat of _flow_run_heartbeat in place of Prefect's."""
     from prefect.settings import get_current_settings
 
-    token = _HEARTBEAT_SECONDS.set(get_current_settings().flows.heartbeat_frequency)
+    previous = _OWN_HEARTBEAT["seconds"]
+    _OWN_HEARTBEAT["seconds"] = get_current_settings().flows.heartbeat_frequency
     try:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             return pipeline_flow(config_path=config_path, workspace=workspace, refresh=refresh, until=until)
     finally:
-        _HEARTBEAT_SECONDS.reset(token)
+        _OWN_HEARTBEAT["seconds"] = previous
 
 
 @contextlib.contextmanager

@@ -145,6 +145,17 @@ def test_entrypoint_defines_the_flow_and_accepts_the_parameters():
     assert without_default <= given, f"required flow parameters missing: {without_default - given}"
 
 
+def test_the_flow_a_worker_runs_can_be_sent_to_its_process():
+    """A served deployment's runner loads flows/pipeline.py as a file and pickles the flow, with every global
+    it uses, into the process that runs it; an unpicklable global (a ContextVar) crashed each nightly run
+    before it started."""
+    import cloudpickle
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(f"{REPO / 'flows' / 'pipeline.py'}:pipeline_flow")
+    assert cloudpickle.loads(cloudpickle.dumps(flow)).name == "unet3d-pipeline"
+
+
 def test_readme_runs_the_deployment_by_the_flows_name():
     function = flow_function(pipeline_source(), "pipeline_flow")
     decorator = flow_decorator(function)
