@@ -145,6 +145,8 @@ def test_entrypoint_defines_the_flow_and_accepts_the_parameters():
     assert without_default <= given, f"required flow parameters missing: {without_default - given}"
 
 
+# loading the file a second time registers its result serializers again, as the runner's own load does
+@pytest.mark.filterwarnings("ignore:Type .* matches existing registered type:UserWarning")
 def test_the_flow_a_worker_runs_can_be_sent_to_its_process():
     """A served deployment's runner loads flows/pipeline.py as a file and pickles the flow, with every global
     it uses, into the process that runs it; an unpicklable global (a ContextVar) crashed each nightly run
