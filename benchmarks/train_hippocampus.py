@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: planned)")
     parser.add_argument("--val-every", type=int, default=None)
     parser.add_argument("--augment", default=None, choices=["full", "light", "none"])
+    parser.add_argument("--ema-decay", type=float, default=None, help="moving average of the weights (default: planned)")
     parser.add_argument("--tag", default=None, help="name of the run folder (default: from the options)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier checkpoints of this benchmark")
     args = parser.parse_args()
@@ -78,6 +79,7 @@ def main() -> int:
                             iterations_per_epoch=args.iterations, time_limit_min=args.minutes,
                             device=args.device, batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
                             threads=args.threads, val_every=args.val_every, augment=args.augment,
+                            ema_decay=args.ema_decay,
                             patch_size=[int(p) for p in args.patch.split(",")] if args.patch else None).model_dump()
     spec = TrainSpec(out_dir=str(out), train_cases=dirs["train"], val_cases=dirs["val"],
                      classes={1: "anterior", 2: "posterior"}, label_map={1: 1, 2: 2}, train=train_cfg,
