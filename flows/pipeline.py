@@ -2,12 +2,12 @@
 
 ingest -> preprocess (Dask) -> split -> train (one task per cascade stage) -> infer -> evaluate -> report
 
-Every stage is a Prefect task run of the pipeline's flow run, whose cache key is the stage key of flows/cache_keys.py and whose result (small:
-paths, hashes, counts) is persisted in the workspace. A stage is called with `refresh_cache` when the user
-asked for it (`--refresh STAGE` refreshes that stage and everything downstream) or when its completion
-marker or outputs are missing. Inside a stage the work is resumable on its own (preprocessing per case,
-training from the last checkpoint, inference per case), so whatever stopped a run, running it again
-recomputes nothing that completed.
+Every stage is a Prefect task run of the pipeline's flow run, whose cache key is the stage key of
+flows/cache_keys.py and whose result (small: paths, hashes, counts) is persisted in the workspace. A stage is
+called with `refresh_cache` when the user asked for it (`--refresh STAGE` refreshes that stage and everything
+downstream) or when its completion marker or outputs are missing. Inside a stage the work is resumable on its
+own (preprocessing per case, training from the last checkpoint, inference per case), so whatever stopped a run,
+running it again recomputes nothing that completed.
 """
 # No `from __future__ import annotations` here: a served deployment loads this file as a module of Prefect's own
 # (not as flows.pipeline), where Prefect cannot resolve string annotations such as "PipelineConfig" when it
@@ -27,8 +27,8 @@ from typing import Any, Optional  # noqa: E402
 
 from prefect import __version__ as prefect_version  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
 
 from data_catalog.workspace import Workspace  # noqa: E402
