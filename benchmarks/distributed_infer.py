@@ -27,7 +27,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,15 +40,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the test clusters' process helper
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from pipeline_helpers import stop_processes  # noqa: E402
+from pipeline_helpers import start_dask_scheduler, stop_processes  # noqa: E402
 
 CLASSES = {0: "background", 1: "organ", 2: "lesion"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _random_model(folder: Path, spacing, features: list[int]) -> Path:
@@ -70,17 +63,18 @@ def _random_model(folder: Path, spacing, features: list[int]) -> Path:
     return folder
 
 
-def _start_cluster(port: int, n_workers: int) -> list[subprocess.Popen]:
+def _start_cluster(folder: Path, n_workers: int) -> tuple[list[subprocess.Popen], str]:
+    """(scheduler and workers, the scheduler's address); the scheduler listens before any worker starts."""
     # Workers set up as data_catalog/parallel.py and deploy/dask/README.md say (no sampling profiler)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED="False")
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-dashboard"], **quiet)]
-    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
+    scheduler, address = start_dask_scheduler(folder, env)
+    procs = [scheduler]
+    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                 "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GB"], **quiet)
               for _ in range(n_workers)]
-    return procs
+    return procs, address
 
 
 def _one_process(jobs, model_dir: Path, plan: dict, settings: dict, evaluated, stages):
@@ -134,9 +128,8 @@ def main() -> None:
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="distributed_infer_"))
     shape = tuple(int(v) for v in args.shape.split("x"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = _start_cluster(port, args.workers)
+    root.mkdir(parents=True, exist_ok=True)
+    procs, address = _start_cluster(root, args.workers)
     try:
         t0 = time.perf_counter()
         src = generate_demo_cohort(root / "src", n_cases=args.cases, seed=5, shape=shape, base_spacing=(2.0, 2.0, 4.0))

@@ -1,7 +1,10 @@
 """Test helpers shared by the pipeline tests."""
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -63,3 +66,25 @@ def stop_processes(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def start_dask_scheduler(folder: Path, env: dict, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """A `dask scheduler` on a port it picks itself, and its address once it listens (its scheduler file).
+
+    A port picked here and handed over raced: workers started beside the scheduler listen on random ports, and
+    the system gave one of them the very port just released, before the scheduler bound it. The scheduler then
+    died, the client talked to a worker as if it were the scheduler, and the test hung until CI's limit."""
+    scheduler_file = Path(folder) / "dask-scheduler.json"
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                             "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dask scheduler exited with code {proc.returncode} before it listened")
+        try:
+            return proc, json.loads(scheduler_file.read_text())["address"]
+        except (FileNotFoundError, ValueError, KeyError):  # not written yet, or half written
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError(f"the dask scheduler did not write {scheduler_file} within {timeout} s")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_helpers import stop_processes, write_config
+from pipeline_helpers import start_dask_scheduler, stop_processes, write_config
 
 from data_catalog.case_worker import EnvironmentFault, case_records
 from data_catalog.demo import generate_demo_cohort
@@ -40,12 +39,6 @@ CLASSES = {0: "background", 1: "organ", 2: "lesion"}
 N_CASES = 14
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _random_model(folder: Path, spacing) -> Path:
     """A model folder (model.json + best checkpoint) with seeded random weights: inference needs a network,
     not a good one."""
@@ -63,21 +56,29 @@ def _random_model(folder: Path, spacing) -> Path:
     return folder
 
 
-def _start_cluster(port: int, env: dict, allowed_failures: int = 3) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
-    """A `dask scheduler` and two nanny-less `dask worker`s (the Popen is the worker process itself, so that
-    SIGKILL really removes it). allowed_failures 0: the scheduler gives up on a task at its first lost worker, so
-    that killing a worker fails the run and the rerun has something to redo (Dask's default, 3, retries it on the
-    other worker)."""
-    address = f"tcp://127.0.0.1:{port}"
-    cli = [sys.executable, "-m"]
-    scheduler = subprocess.Popen([*cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"],
-                                 env=dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(allowed_failures)),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = [subprocess.Popen([*cli, "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
-                                 "--no-dashboard", "--memory-limit", "2GB"], env=env,
+def _start_cluster(folder: Path, env: dict, allowed_failures: int = 3) -> tuple[subprocess.Popen, str,
+                                                                                list[subprocess.Popen]]:
+    """A `dask scheduler` (listening before any worker starts) and two nanny-less `dask worker`s (the Popen is the
+    worker process itself, so that SIGKILL really removes it): (scheduler, its address, workers).
+    allowed_failures 0: the scheduler gives up on a task at its first lost worker, so that killing a worker fails
+    the run and the rerun has something to redo (Dask's default, 3, retries it on the other worker)."""
+    scheduler, address = start_dask_scheduler(
+        folder, dict(env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(allowed_failures)))
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                 "--no-nanny", "--no-dashboard", "--memory-limit", "2GB"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-    return scheduler, workers
+    return scheduler, address, workers
+
+
+def test_a_test_cluster_scheduler_is_up_on_a_port_of_its_own_before_workers_start(tmp_path):
+    """The test clusters picked a free port and handed it to the scheduler while its workers started: once the
+    system gave a worker that very port first, the scheduler died and the suite hung (CI, this round)."""
+    scheduler, address = start_dask_scheduler(tmp_path, dict(os.environ))
+    try:
+        with distributed.Client(address, timeout="30s") as client:
+            assert client.scheduler_info()["address"] == address  # the scheduler answers there, nothing else
+    finally:
+        stop_processes([scheduler])
 
 
 def test_one_case_or_one_local_worker_starts_no_cluster():
@@ -118,10 +119,8 @@ def test_inference_and_evaluation_on_two_dask_workers_match_one_process_and_surv
                                base_spacing=(2.0, 2.0, 4.0))
     ws = tmp_path / "ws"
     ingest(src, "demo", ws)
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    scheduler, workers = _start_cluster(port, env, allowed_failures=0)
+    scheduler, address, workers = _start_cluster(tmp_path, env, allowed_failures=0)
     try:
         with distributed.Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
@@ -255,10 +254,8 @@ def test_the_pipeline_infers_and_evaluates_on_a_dask_scheduler_as_in_one_process
     assert len(reference) == 2 * len(first["infer"]["splits"]) >= 4
     tables = {name: pd.read_parquet(ws / "reports" / name) for name in ("metrics", "lesions")}
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    scheduler, workers = _start_cluster(port, env)
+    scheduler, address, workers = _start_cluster(tmp_path, env)
     try:
         with distributed.Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)

@@ -6,7 +6,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from data_catalog.store import PreprocessedStore
 from data_catalog.tables import Catalog
 from unet3d.io import read_image, to_numpy
 from unet3d.resample import invert_labels
-from pipeline_helpers import stop_processes
+from pipeline_helpers import start_dask_scheduler, stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = {"target_spacing": "auto", "normalisation": "auto", "workers": 2, "dask_address": None,
@@ -153,22 +152,14 @@ def test_sigkill_midway_leaves_nothing_partial_and_the_rerun_completes(tmp_path)
         assert np.isfinite(image).all() and label.shape == image.shape[1:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_preprocessing_on_a_real_dask_scheduler_with_two_workers(tmp_path):
     pytest.importorskip("distributed")
     src, ws = _cohort(tmp_path, 12), tmp_path / "ws"
     ingest(src, "demo", ws)
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     dask = [sys.executable, "-m", "distributed.cli"]
-    procs = [subprocess.Popen([*dask[:2], "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    scheduler, address = start_dask_scheduler(tmp_path, env)  # listening before any worker starts
+    procs = [scheduler]
     try:
         for _ in range(2):
             procs.append(subprocess.Popen([*dask[:2], "distributed.cli.dask_worker", address, "--nthreads", "1",
