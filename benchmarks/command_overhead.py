@@ -1,8 +1,9 @@
 """What a user pays per command (issue 11, acceptance 6): `unet3d preprocess` on the 220-case hippocampus
 cohort end to end against a running Prefect server, against nnU-Net v2's fingerprint + plan + preprocess on
-the same files in the same run; then the same command again with everything cached. Each is timed on `--repeats`
-fresh workspaces and the best is reported (this machine's speed drifts; nnU-Net's chain too, as many times), after `--settle` seconds that let the
-new server finish its own start-up (a team's server has been running for days).
+the same files in the same run; then the same command again with everything cached. Each is timed on
+`--repeats` fresh workspaces and the best is reported (this machine's speed drifts; nnU-Net's chain is run as
+many times), after `--settle` seconds that let the new server finish its own start-up (a team's server has been
+running for days).
 
 A real `prefect server start` on 127.0.0.1 (its own PREFECT_HOME, so nothing of the user's is touched) is
 started first and is not timed: the commands run against it as a scheduled team's commands do. Each command is
@@ -110,7 +111,8 @@ def main() -> int:
     print(f"unet3d preprocess, 220 cases, {args.workers} workers, against a running server: {cold:.1f} s "
           f"(ingest + fingerprint + plan + preprocess, Python start included; best of "
           f"{', '.join(f'{c:.1f}' for c in colds)})")
-    print(f"the same command with every stage cached: {cached:.1f} s (best of {', '.join(f'{c:.1f}' for c in cacheds)})")
+    print(f"the same command with every stage cached: {cached:.1f} s "
+          f"(best of {', '.join(f'{c:.1f}' for c in cacheds)})")
     if nnunet:
         print(f"nnU-Net v2 fingerprint + plan + preprocess, same files, {nnunet['workers']} processes: "
               f"{nnunet['seconds']:.1f} s -> ours is {nnunet['seconds'] / cold:.1f}x faster")
