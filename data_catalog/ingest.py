@@ -9,7 +9,6 @@ changed (and hashes only those).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ import pandas as pd
 
 from .discover import IngestError, Source, SourceCase, discover, discover_unlabelled, normalise_modality
 from .hashing import stat_fingerprint
+from .parallel import WORKER_SERVER
 from .tables import Catalog, utc_now
-from .validate import ERROR, WARNING, geometry_outliers, inspect_case, issue_row
+from .validate import ERROR, WARNING, geometry_outliers, inspect_case, inspect_cases, issue_row
 
 log = logging.getLogger(__name__)
 
@@ -232,17 +232,19 @@ def _inspect_all(cases: list[SourceCase], declared, workers: int, progress) -> l
 
 
 def _inspect_in_processes(cases: list[SourceCase], declared, workers: int, wrap) -> list[dict]:
-    """inspect_case over worker processes. A worker that dies (an out-of-memory kill, a crash in a reader)
-    breaks the pool: the cases in flight are then inspected one process each, the one whose process dies
-    gets a `worker_died` issue, and the rest of the cohort goes on in a fresh pool."""
+    """inspect_case over worker processes, a few cases per task (a small case takes a few milliseconds, about
+    what handing it to a process and back costs). A worker that dies (an out-of-memory kill, a crash in a
+    reader) breaks the pool: the cases in flight are then inspected one process each, the one whose process
+    dies gets a `worker_died` issue, and the rest of the cohort goes on in a fresh pool."""
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
     results: list[dict | None] = [None] * len(cases)
-    todo = list(range(len(cases)))[::-1]  # a stack: pop() takes cases in order
-    window = 2 * workers  # cases in flight: a dead worker makes only these suspects
-    # spawn, not fork: the caller may be a multi-threaded Prefect process
-    ctx = multiprocessing.get_context("spawn")
+    per_task = max(1, min(8, len(cases) // (workers * 6)))
+    todo = [list(range(i, min(i + per_task, len(cases)))) for i in range(0, len(cases), per_task)][::-1]
+    window = 2 * workers  # tasks in flight: a dead worker makes only their cases suspects
+    # forked from the command's worker server, or spawned; never forked from this multi-threaded Prefect process
+    ctx = WORKER_SERVER.context()
     bar = iter(wrap(_Ticks(len(cases)), total=len(cases), desc="ingest"))
     while todo:
         suspects: list[int] = []
@@ -251,15 +253,16 @@ def _inspect_in_processes(cases: list[SourceCase], declared, workers: int, wrap)
             try:
                 while todo or running:
                     while todo and len(running) < window:
-                        i = todo.pop()
-                        running[pool.submit(inspect_case, cases[i], declared)] = i
+                        chunk = todo.pop()  # a stack: pop() takes cases in order
+                        running[pool.submit(inspect_cases, [cases[i] for i in chunk], declared, inspect_case)] = chunk
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
-                        results[running[future]] = future.result()  # BrokenProcessPool: still in `running`
+                        for i, result in zip(running[future], future.result()):  # BrokenProcessPool: in `running`
+                            results[i] = result
+                            next(bar, None)
                         del running[future]
-                        next(bar, None)
             except BrokenProcessPool:
-                suspects = sorted(running.values())
+                suspects = sorted(i for chunk in running.values() for i in chunk)
         for i in suspects:  # one process each: the case that kills its process is found and recorded
             results[i] = _inspect_isolated(cases[i], declared, ctx)
             next(bar, None)

@@ -263,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
     previous = signal.getsignal(signal.SIGINT)
     in_main_thread = threading.current_thread() is threading.main_thread()
+    if args.command in WORKER_COMMANDS:  # first: it imports the workers' modules while Prefect is imported here
+        from data_catalog.parallel import WORKER_SERVER
+        WORKER_SERVER.start()
     if in_main_thread:
         signal.signal(signal.SIGINT, INTERRUPTION.handle)
     try:
@@ -283,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
+        if args.command in WORKER_COMMANDS:
+            WORKER_SERVER.stop()
 
 
 def _workspace(args) -> str:
@@ -673,6 +678,9 @@ def cmd_serve(args) -> int:
 COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
             "runs": cmd_runs, "export": cmd_export, "serve": cmd_serve, **{name: _stage_command(name) for name in STAGE_COMMANDS}}
 COMMANDS.update(promote=cmd_promote, rollback=cmd_rollback)
+# Commands whose stages run on worker processes (ingest's inspection, the Dask cluster's preprocessing,
+# inference and evaluation): they start the command's worker server (data_catalog/parallel.py).
+WORKER_COMMANDS = {"demo", "ingest", "run", "predict", *STAGE_COMMANDS}
 
 
 def console_main() -> int:

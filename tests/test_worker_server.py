@@ -1,0 +1,138 @@
+"""The command's worker server (data_catalog/parallel.py: WorkerServer; issue 11, acceptance 6).
+
+A command that runs stages on worker processes starts a fork server first; it imports the workers' modules on
+an idle core while the command imports Prefect, and every worker (ingest's pool, the LocalCluster's workers) is
+forked from it with those modules loaded, instead of being spawned and importing them anew (0.5-0.8 s per pool
+on the 220-case hippocampus cohort: benchmarks/command_overhead.py). What the workers must still get: Ctrl-C
+ignored (the command stops them), one thread each, the environment of the command that runs them, and a
+worker that dies still recorded against its case.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+from data_catalog import ingest as ingest_module
+from data_catalog.parallel import WORKER_ENV, WORKER_SERVER, dask_client
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no fork server on Windows: workers are spawned")
+
+
+def _worker_facts(key: str | None = None) -> dict:
+    return {"ppid": os.getppid(), "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+            "preloaded": "data_catalog.case_worker" in sys.modules and "distributed" in sys.modules,
+            "env": {k: os.environ.get(k) for k in WORKER_ENV}, "key": os.environ.get(key) if key else None}
+
+
+def _report(queue, key) -> None:
+    queue.put(_worker_facts(key))
+
+
+def _run_in_worker(key: str | None = None) -> dict:
+    ctx = WORKER_SERVER.context()
+    queue = ctx.Queue()
+    process = ctx.Process(target=_report, args=(queue, key))
+    process.start()
+    facts = queue.get(timeout=60)
+    process.join(timeout=60)
+    return facts
+
+
+@pytest.fixture
+def server():
+    assert threading.current_thread() is threading.main_thread()
+    WORKER_SERVER.start()
+    yield WORKER_SERVER
+    WORKER_SERVER.stop()
+
+
+def _forkserver_pid():
+    from multiprocessing import forkserver
+    return forkserver._forkserver._forkserver_pid
+
+
+def test_workers_are_forked_from_the_server_loaded_single_threaded_and_deaf_to_ctrl_c():
+    environment, handler = dict(os.environ), signal.getsignal(signal.SIGINT)
+    WORKER_SERVER.start()
+    try:
+        assert WORKER_SERVER.running and WORKER_SERVER.context().get_start_method() == "forkserver"
+        facts = _run_in_worker()
+        assert facts["ppid"] == _forkserver_pid() != os.getpid()
+        assert facts["preloaded"]
+        assert facts["sigint_ignored"]
+        assert facts["env"] == WORKER_ENV
+        # this process is as it was: its own Ctrl-C handler, its own environment
+        assert signal.getsignal(signal.SIGINT) == handler and dict(os.environ) == environment
+    finally:
+        WORKER_SERVER.stop()
+
+
+def test_the_server_is_gone_after_stop_and_workers_are_spawned_again():
+    WORKER_SERVER.start()
+    pid = _forkserver_pid()
+    assert pid is not None
+    WORKER_SERVER.stop()
+    assert not WORKER_SERVER.running and _forkserver_pid() is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie
+    assert WORKER_SERVER.context().get_start_method() == "spawn"
+
+
+def test_a_later_command_gives_its_workers_the_environment_of_its_own_time(monkeypatch):
+    monkeypatch.setenv("UNET3D_TEST_MARK", "first")
+    WORKER_SERVER.start()
+    try:
+        assert _run_in_worker("UNET3D_TEST_MARK")["key"] == "first"
+    finally:
+        WORKER_SERVER.stop()
+    monkeypatch.setenv("UNET3D_TEST_MARK", "second")
+    WORKER_SERVER.start()
+    try:
+        assert _run_in_worker("UNET3D_TEST_MARK")["key"] == "second"
+    finally:
+        WORKER_SERVER.stop()
+
+
+def test_local_cluster_workers_are_forked_from_the_server(server):
+    with dask_client(2, None, "auto") as client:
+        facts = list(client.run(_worker_facts).values())
+    assert len(facts) == 2
+    for f in facts:
+        assert f["ppid"] == _forkserver_pid()
+        assert f["preloaded"] and f["sigint_ignored"] and f["env"] == WORKER_ENV
+
+
+def test_a_dead_ingest_worker_forked_from_the_server_is_recorded_against_its_case(server, tmp_path, monkeypatch):
+    from tests.test_safety_ingest import _die_on_poison, blob, codes, write
+
+    folder = tmp_path / "scans"
+    for i in range(40):
+        write(folder / f"case_{i:02d}.nii.gz", blob(shape=(6, 6, 6), seed=i))
+    write(folder / "poison.nii.gz", blob(shape=(6, 6, 6)))
+    monkeypatch.setattr(ingest_module, "inspect_case", _die_on_poison)
+    result = ingest_module.ingest(folder, "c", tmp_path / "ws", workers=2)
+    assert result.n_cases == 41 and result.n_ok == 40
+    assert codes(tmp_path / "ws", "c") == {"poison": {"worker_died"}}
+
+
+def test_a_command_stops_its_worker_server(tmp_path, monkeypatch):
+    from flows import cli
+
+    folder = tmp_path / "scans"
+    from tests.test_safety_ingest import blob, write
+    for i in range(3):
+        write(folder / f"case_{i}.nii.gz", blob(shape=(6, 6, 6), seed=i))
+    started = []
+    real_start = WORKER_SERVER.start
+
+    def start():
+        real_start()
+        started.append(_forkserver_pid())
+    monkeypatch.setattr(WORKER_SERVER, "start", start)
+    assert cli.main(["--workspace", str(tmp_path / "ws"), "ingest", str(folder), "--cohort", "c"]) == 0
+    assert started and started[0] is not None
+    assert not WORKER_SERVER.running and _forkserver_pid() is None
