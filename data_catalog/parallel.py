@@ -39,18 +39,36 @@ WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 @contextlib.contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """SIGINT ignored while the local worker processes start (they inherit it; Python and asyncio then leave it
-    ignored). Ctrl-C in a terminal reaches every process of the group: only the main process should stop, and
-    close the cluster, instead of each worker printing its own KeyboardInterrupt traceback."""
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C held back while worker processes start or stop, then delivered to the command's own handler.
+
+    * SIGINT is blocked in this thread for the block: the threads started meanwhile (a LocalCluster's event loop)
+      and every process started from them or from here inherit the blocked signal, so a worker never receives
+      the terminal's Ctrl-C (it reaches every process of the group; the command stops its workers itself, and
+      they print no KeyboardInterrupt tracebacks). The stdlib starts its resource tracker the same way.
+    * A press meanwhile is recorded, then handed to the handler that was in place once the block is done: it is
+      neither lost (SIGINT used to be ignored here, and a press while a cluster started was dropped) nor raised
+      midway (a half-started cluster would be left to distributed's exit handler, which waits up to 10 s)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    blocking = hasattr(signal, "pthread_sigmask")  # POSIX; Windows has no signal masks
+    if blocking:
+        from multiprocessing import resource_tracker
+
+        # started first: starting it later, inside the block, ends by unblocking SIGINT in this thread
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending press reaches the recorder
         signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)  # the command's handler: raises KeyboardInterrupt
 
 
 # Modules a case worker needs (inspection at ingest; preprocessing, inference and evaluation on Dask workers),
@@ -65,7 +83,7 @@ class WorkerServer:
     worker imports them anew each time: the pool and the cluster cost 0.5-0.8 s each to start, on a command that
     does 1-2 s of work (issue 11).
 
-    Started from the main thread with SIGINT ignored and WORKER_ENV in its environment: every worker forked from
+    Started from the main thread with SIGINT blocked and WORKER_ENV in its environment: every worker forked from
     it inherits both (Ctrl-C stops the command, which closes its workers; one thread per worker). Stopped at the
     end of the command, so a later command in the same process gets the environment of its own time. Where a
     fork server is not available (Windows), or outside a command, workers are spawned as before."""
@@ -82,7 +100,7 @@ class WorkerServer:
         from multiprocessing import forkserver
 
         forkserver.set_forkserver_preload(list(WORKER_MODULES))
-        with _workers_ignore_ctrl_c(), _parent_environment_kept():
+        with _ctrl_c_held(), _parent_environment_kept():  # the server and its workers never receive Ctrl-C
             os.environ.update(WORKER_ENV)
             forkserver.ensure_running()  # returns at once: the server imports in its own process
         self.pid = os.getpid()
@@ -136,15 +154,18 @@ def dask_client(workers: int, dask_address: str | None, memory_limit: str) -> It
     # warns "Port 8787 is already in use" when another cluster has it): a free local port instead.
     config = {**WORKER_DASK_CONFIG,
               "distributed.worker.multiprocessing-method": WORKER_SERVER.context().get_start_method()}
-    with _workers_ignore_ctrl_c(), _parent_environment_kept(), dask.config.set(config):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
-                               dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
+    cluster = None
     try:
+        with _ctrl_c_held(), _parent_environment_kept(), dask.config.set(config):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+                                   dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, env=dict(WORKER_ENV))
         with Client(cluster) as client:
             yield client
     finally:
-        with _parent_environment_kept():  # a worker restarted by its nanny wrote the variables again
-            cluster.close()
+        if cluster is not None:
+            # a worker restarted by its nanny wrote the variables again; a Ctrl-C waits for the close
+            with _ctrl_c_held(), _parent_environment_kept():
+                cluster.close()
 
 
 @contextlib.contextmanager

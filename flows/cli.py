@@ -259,16 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     INTERRUPTION.pressed = False
-    # a served deployment is a service: its console is its log (stage start and end, cache hits, failures)
-    _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
     previous = signal.getsignal(signal.SIGINT)
     in_main_thread = threading.current_thread() is threading.main_thread()
     if args.command in WORKER_COMMANDS:  # first: it imports the workers' modules while Prefect is imported here
         from data_catalog.parallel import WORKER_SERVER
         WORKER_SERVER.start()
-    if in_main_thread:
+    if in_main_thread:  # before Prefect is imported: a press during the imports is an interruption like any other
         signal.signal(signal.SIGINT, INTERRUPTION.handle)
     try:
+        # a served deployment is a service: its console is its log (stage start and end, cache hits, failures)
+        _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         INTERRUPTION.pressed = True
@@ -278,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as exc:  # one line for the user; -vv shows the traceback
+        if INTERRUPTION.pressed:  # Ctrl-C, turned into another error by a library on its way out
+            print(f"unet3d {args.command}: {_interrupted_message()}", file=sys.stderr)
+            return 130
         if args.verbose >= 2:
             raise
         reason = " ".join(str(exc).split()) or type(exc).__name__

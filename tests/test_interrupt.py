@@ -134,3 +134,45 @@ def test_a_killed_command_leaves_no_prefect_server_behind(tiny_cohort, tmp_path)
                     p.kill()
             except psutil.Error:
                 pass
+
+
+def test_ctrl_c_that_a_library_turns_into_another_error_still_ends_as_an_interruption(monkeypatch, capsys, tmp_path):
+    """Ctrl-C at the moment Prefect's task engine starts a task run: the KeyboardInterrupt raised there made the
+    engine fail on its way out with `RuntimeError: Task run is not set`, and the command printed that as its
+    error and exited 1 (found by pressing Ctrl-C at 0.1 s steps through `unet3d preprocess`). The press is
+    what happened: exit 130 with the one interruption line."""
+    from flows import cli
+
+    def command(args):
+        try:
+            cli.INTERRUPTION.handle(signal.SIGINT, None)  # the user's Ctrl-C
+        except KeyboardInterrupt:
+            raise RuntimeError("Task run is not set")  # what the library raised while unwinding
+    monkeypatch.setitem(cli.COMMANDS, "runs", command)
+    assert cli.main(["--workspace", str(tmp_path), "runs"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["unet3d runs: interrupted; rerun the same command to resume"]
+
+
+CTRL_C_WHILE_IMPORTING = r"""
+import os, signal, sys, time
+from flows import cli
+
+def configure_logging(verbose):  # where the command imports Prefect (about a second): the user presses Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+
+cli._configure_logging = configure_logging
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_command_imports_prefect_is_an_interruption(tmp_path):
+    """The handler was installed only after Prefect was imported: a press in a command's first second printed a
+    40-line KeyboardInterrupt traceback and ended by the signal."""
+    script = tmp_path / "imports.py"
+    script.write_text(CTRL_C_WHILE_IMPORTING)
+    done = subprocess.run([sys.executable, str(script), "--workspace", str(tmp_path / "ws"), "runs"],
+                          capture_output=True, encoding="utf-8", timeout=120, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["unet3d runs: interrupted; rerun the same command to resume"]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no fork server 
 
 
 def _worker_facts(key: str | None = None) -> dict:
-    return {"ppid": os.getppid(), "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+    return {"ppid": os.getppid(), "deaf_to_ctrl_c": _ctrl_c_survived(),
             "preloaded": "data_catalog.case_worker" in sys.modules and "distributed" in sys.modules,
             "env": {k: os.environ.get(k) for k in WORKER_ENV}, "key": os.environ.get(key) if key else None}
 
@@ -63,7 +63,7 @@ def test_workers_are_forked_from_the_server_loaded_single_threaded_and_deaf_to_c
         facts = _run_in_worker()
         assert facts["ppid"] == _forkserver_pid() != os.getpid()
         assert facts["preloaded"]
-        assert facts["sigint_ignored"]
+        assert facts["deaf_to_ctrl_c"]
         assert facts["env"] == WORKER_ENV
         # this process is as it was: its own Ctrl-C handler, its own environment
         assert signal.getsignal(signal.SIGINT) == handler and dict(os.environ) == environment
@@ -103,7 +103,7 @@ def test_local_cluster_workers_are_forked_from_the_server(server):
     assert len(facts) == 2
     for f in facts:
         assert f["ppid"] == _forkserver_pid()
-        assert f["preloaded"] and f["sigint_ignored"] and f["env"] == WORKER_ENV
+        assert f["preloaded"] and f["deaf_to_ctrl_c"] and f["env"] == WORKER_ENV
 
 
 def test_a_dead_ingest_worker_forked_from_the_server_is_recorded_against_its_case(server, tmp_path, monkeypatch):
@@ -136,3 +136,71 @@ def test_a_command_stops_its_worker_server(tmp_path, monkeypatch):
     assert cli.main(["--workspace", str(tmp_path / "ws"), "ingest", str(folder), "--cohort", "c"]) == 0
     assert started and started[0] is not None
     assert not WORKER_SERVER.running and _forkserver_pid() is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C while worker processes start or stop: held back, then delivered; never lost, never raised midway
+# ---------------------------------------------------------------------------------------------------------
+CTRL_C_DURING_CLUSTER_START = r"""
+import os, signal, sys
+import distributed
+from distributed.deploy.spec import SpecCluster
+from data_catalog import parallel
+
+
+def started_with_ctrl_c(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the cluster starts
+    return REAL(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "server":
+        parallel.WORKER_SERVER.start()
+    REAL, distributed.LocalCluster = distributed.LocalCluster, started_with_ctrl_c
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with parallel.dask_client(2, None, "auto") as client:
+            print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    print("clusters left running:", sum(c.status.name != "closed" for c in list(SpecCluster._instances)), flush=True)
+    parallel.WORKER_SERVER.stop()
+"""
+
+
+@pytest.mark.parametrize("mode", ["server", "spawn"])
+def test_ctrl_c_while_the_local_cluster_starts_interrupts_and_leaves_no_cluster(tmp_path, mode):
+    """It was ignored: SIGINT was set to SIG_IGN in this process while the workers started, so that they
+    inherited it, and a press in that half second was lost (the command ran on to the end). Now it is held back
+    until the cluster is up, then raised; the cluster is closed on the way out."""
+    import subprocess
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_DURING_CLUSTER_START)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script), mode], capture_output=True, encoding="utf-8", timeout=120,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["interrupted", "clusters left running: 0"], done.stdout + done.stderr[-2000:]
+
+
+def _ctrl_c_survived() -> bool:
+    """Deaf to Ctrl-C: SIGINT blocked or ignored in this thread, and a SIGINT sent to the process changes nothing."""
+    import time
+
+    deaf = signal.getsignal(signal.SIGINT) == signal.SIG_IGN or signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    os.kill(os.getpid(), signal.SIGINT)  # as the terminal's Ctrl-C reaches every process of the group
+    time.sleep(0.05)
+    return deaf
+
+
+@pytest.mark.parametrize("mode", ["server", "spawn"])
+def test_local_cluster_workers_do_not_receive_ctrl_c(mode):
+    if mode == "server":
+        WORKER_SERVER.start()
+    try:
+        with dask_client(2, None, "auto") as client:
+            assert list(client.run(_ctrl_c_survived).values()) == [True, True]
+            assert client.submit(sum, [1, 2]).result() == 3
+    finally:
+        WORKER_SERVER.stop()
