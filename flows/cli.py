@@ -269,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # a served deployment is a service: its console is its log (stage start and end, cache hits, failures)
         _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if INTERRUPTION.pressed:  # its KeyboardInterrupt was dropped: raised in a destructor, Python ignores it
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         INTERRUPTION.pressed = True
         print(f"unet3d {args.command}: {_interrupted_message()}", file=sys.stderr)
