@@ -83,18 +83,13 @@ def test_the_server_is_gone_after_stop_and_workers_are_spawned_again():
 
 
 def test_a_later_command_gives_its_workers_the_environment_of_its_own_time(monkeypatch):
-    monkeypatch.setenv("UNET3D_TEST_MARK", "first")
-    WORKER_SERVER.start()
-    try:
-        assert _run_in_worker("UNET3D_TEST_MARK")["key"] == "first"
-    finally:
-        WORKER_SERVER.stop()
-    monkeypatch.setenv("UNET3D_TEST_MARK", "second")
-    WORKER_SERVER.start()
-    try:
-        assert _run_in_worker("UNET3D_TEST_MARK")["key"] == "second"
-    finally:
-        WORKER_SERVER.stop()
+    for value in ("first", "second"):  # two commands in one process, as tests and notebooks run them
+        monkeypatch.setenv("UNET3D_TEST_MARK", value)
+        WORKER_SERVER.start()
+        try:
+            assert _run_in_worker("UNET3D_TEST_MARK")["key"] == value
+        finally:
+            WORKER_SERVER.stop()
 
 
 def test_local_cluster_workers_are_forked_from_the_server(server):
