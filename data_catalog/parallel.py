@@ -67,8 +67,8 @@ def _ctrl_c_held() -> Iterator[None]:
         if blocking:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending press reaches the recorder
         signal.signal(signal.SIGINT, previous)
-    if pressed and callable(previous):
-        previous(signal.SIGINT, None)  # the command's handler: raises KeyboardInterrupt
+        if pressed and callable(previous):
+            previous(signal.SIGINT, None)  # the command's handler (raises KeyboardInterrupt): the press comes first
 
 
 # Modules a case worker needs (inspection at ingest; preprocessing, inference and evaluation on Dask workers),
@@ -129,7 +129,8 @@ class WorkerServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)  # it may still be importing: do not wait for that
             os.close(alive)
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):  # reaped already
+                os.waitpid(pid, 0)
             with contextlib.suppress(OSError, TypeError):
                 os.unlink(server._forkserver_address)
             server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None

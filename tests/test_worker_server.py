@@ -199,3 +199,16 @@ def test_local_cluster_workers_do_not_receive_ctrl_c(mode):
             assert client.submit(sum, [1, 2]).result() == 3
     finally:
         WORKER_SERVER.stop()
+
+
+def test_a_press_while_workers_start_comes_before_an_error_of_the_start():
+    from data_catalog.parallel import _ctrl_c_held
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_held():
+                os.kill(os.getpid(), signal.SIGINT)  # held back: nothing is raised here
+                raise RuntimeError("Nanny failed to start")
+    finally:
+        signal.signal(signal.SIGINT, previous)
