@@ -170,13 +170,13 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
     return out
 
 
-
 def inspect_cases(cases: list[SourceCase], declared_labels: dict[int, str] | None, inspect=None) -> list[dict]:
     """`inspect` (default inspect_case) of each case: one task of ingest's worker pool. It lives here, beside
     inspect_case, because a worker imports the module of the function it runs, and this one is light (the
     ingest module imports pandas: 0.3 s more per worker process)."""
     inspect = inspect or inspect_case
     return [inspect(case, declared_labels) for case in cases]
+
 
 def _check_dicom_slices(files: list[str], path: str) -> list[dict]:
     """Slice positions of a DICOM series (from the headers) must be evenly spaced: a missing or unreadable

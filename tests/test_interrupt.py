@@ -150,7 +150,8 @@ def test_ctrl_c_that_a_library_turns_into_another_error_still_ends_as_an_interru
             raise RuntimeError("Task run is not set")  # what the library raised while unwinding
     monkeypatch.setitem(cli.COMMANDS, "runs", command)
     assert cli.main(["--workspace", str(tmp_path), "runs"]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["unet3d runs: interrupted; rerun the same command to resume"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["unet3d runs: interrupted; rerun the same command to resume"]
 
 
 CTRL_C_WHILE_IMPORTING = r"""
@@ -197,4 +198,5 @@ def test_ctrl_c_swallowed_where_python_ignores_exceptions_still_ends_as_an_inter
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
     assert cli.main(["--workspace", str(tmp_path), "runs"]) == 130
     assert dropped == [KeyboardInterrupt]
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "unet3d runs: interrupted; rerun the same command to resume"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "unet3d runs: interrupted; rerun the same command to resume"

@@ -183,7 +183,8 @@ def _ctrl_c_survived() -> bool:
     """Deaf to Ctrl-C: SIGINT blocked or ignored in this thread, and a SIGINT sent to the process changes nothing."""
     import time
 
-    deaf = signal.getsignal(signal.SIGINT) == signal.SIG_IGN or signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (adds nothing: reads the mask)
+    deaf = signal.getsignal(signal.SIGINT) == signal.SIG_IGN or signal.SIGINT in blocked
     os.kill(os.getpid(), signal.SIGINT)  # as the terminal's Ctrl-C reaches every process of the group
     time.sleep(0.05)
     return deaf
