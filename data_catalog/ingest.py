@@ -19,7 +19,7 @@ import pandas as pd
 
 from .discover import IngestError, Source, SourceCase, discover, discover_unlabelled, normalise_modality
 from .hashing import stat_fingerprint
-from .parallel import WORKER_SERVER
+from .parallel import WORKER_SERVER, cases_per_task
 from .tables import Catalog, utc_now
 from .validate import ERROR, WARNING, geometry_outliers, inspect_case, inspect_cases, issue_row
 
@@ -240,7 +240,7 @@ def _inspect_in_processes(cases: list[SourceCase], declared, workers: int, wrap)
     from concurrent.futures.process import BrokenProcessPool
 
     results: list[dict | None] = [None] * len(cases)
-    per_task = max(1, min(8, len(cases) // (workers * 6)))
+    per_task = cases_per_task(len(cases), workers)
     todo = [list(range(i, min(i + per_task, len(cases)))) for i in range(0, len(cases), per_task)][::-1]
     window = 2 * workers  # tasks in flight: a dead worker makes only their cases suspects
     # forked from the command's worker server, or spawned; never forked from this multi-threaded Prefect process
@@ -254,7 +254,7 @@ def _inspect_in_processes(cases: list[SourceCase], declared, workers: int, wrap)
                 while todo or running:
                     while todo and len(running) < window:
                         chunk = todo.pop()  # a stack: pop() takes cases in order
-                        running[pool.submit(inspect_cases, [cases[i] for i in chunk], declared, inspect_case)] = chunk
+                        running[pool.submit(inspect_cases, inspect_case, [cases[i] for i in chunk], declared)] = chunk
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
                         for i, result in zip(running[future], future.result()):  # BrokenProcessPool: in `running`

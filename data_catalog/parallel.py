@@ -73,7 +73,7 @@ def _ctrl_c_held() -> Iterator[None]:
 
 # Modules a case worker needs (inspection at ingest; preprocessing, inference and evaluation on Dask workers),
 # imported once by the command's worker server so that each worker process starts with them loaded.
-WORKER_MODULES = ("data_catalog.validate", "data_catalog.case_worker", "distributed", "distributed.nanny")
+WORKER_MODULES = ("data_catalog.validate", "data_catalog.case_worker", "distributed")
 
 
 class WorkerServer:
@@ -224,6 +224,12 @@ def _heap_for_large_arrays() -> None:
         pass
 
 
+def cases_per_task(n_cases: int, n_workers: int) -> int:
+    """How many cases one task takes: up to 8 small cases together (a task costs about a millisecond to hand
+    over, a small case not much more), while every worker still gets about six tasks to balance the load."""
+    return max(1, min(8, n_cases // (max(1, n_workers) * 6)))
+
+
 def _run_chunk(func: Callable[..., dict], items: list[dict], *args) -> list[dict]:
     _heap_for_large_arrays()
     return [func(item, *args) for item in items]
@@ -248,8 +254,7 @@ def map_cases(func: Callable[..., dict], items: Sequence[dict], *args, client=No
         return []
     items = list(items)
     if chunk_size is None:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        chunk_size = max(1, min(8, len(items) // (n_workers * 6)))
+        chunk_size = cases_per_task(len(items), len(client.scheduler_info().get("workers", {})))
     chunks = [items[i:i + chunk_size] for i in range(0, len(items), chunk_size)]
     futures = client.map(_run_chunk, [func] * len(chunks), chunks, *[[a] * len(chunks) for a in args], pure=False,
                          key=[f"{desc}-{i}-{c[0]['case_id']}" for i, c in enumerate(chunks)], resources=resources)

@@ -170,11 +170,10 @@ def inspect_case(case: SourceCase, declared_labels: dict[int, str] | None) -> di
     return out
 
 
-def inspect_cases(cases: list[SourceCase], declared_labels: dict[int, str] | None, inspect=None) -> list[dict]:
-    """`inspect` (default inspect_case) of each case: one task of ingest's worker pool. It lives here, beside
-    inspect_case, because a worker imports the module of the function it runs, and this one is light (the
-    ingest module imports pandas: 0.3 s more per worker process)."""
-    inspect = inspect or inspect_case
+def inspect_cases(inspect, cases: list[SourceCase], declared_labels: dict[int, str] | None) -> list[dict]:
+    """`inspect` (inspect_case, or a test's stand-in) of each case: one task of ingest's worker pool. It lives
+    here, beside inspect_case, because a worker imports the module of the function it runs, and this one is
+    light (the ingest module imports pandas: 0.3 s more per worker process)."""
     return [inspect(case, declared_labels) for case in cases]
 
 

@@ -253,6 +253,13 @@ def _interrupted_message() -> str:
     return f"interrupted{': ' + where if where else ''}; rerun the same command to resume"
 
 
+def _report_interruption(command: str) -> int:
+    """The one line of an interrupted command, and its exit code."""
+    INTERRUPTION.pressed = True
+    print(f"unet3d {command}: {_interrupted_message()}", file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
@@ -274,16 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise KeyboardInterrupt
         return code
     except KeyboardInterrupt:
-        INTERRUPTION.pressed = True
-        print(f"unet3d {args.command}: {_interrupted_message()}", file=sys.stderr)
-        return 130
+        return _report_interruption(args.command)
     except BrokenPipeError:  # `unet3d report | head`: the reader has had enough
         sys.stderr.close()
         return 0
     except Exception as exc:  # one line for the user; -vv shows the traceback
         if INTERRUPTION.pressed:  # Ctrl-C, turned into another error by a library on its way out
-            print(f"unet3d {args.command}: {_interrupted_message()}", file=sys.stderr)
-            return 130
+            return _report_interruption(args.command)
         if args.verbose >= 2:
             raise
         reason = " ".join(str(exc).split()) or type(exc).__name__
