@@ -16,12 +16,12 @@ import errno
 import hashlib
 import json
 import os
-import re
 import resource
 import shutil
 import traceback
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -292,7 +292,6 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
-        _remove_stale_versions(Path(plan_dir), case["case_id"], final.name)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_environment(exc, f"writing case {case['case_id']} to {plan_dir}", writing=True)
@@ -310,13 +309,24 @@ def case_complete(case_dir: Path) -> bool:
         return False
 
 
-def _remove_stale_versions(plan_dir: Path, case_id: str, keep: str) -> None:
-    """Older versions of a case whose content changed are garbage now."""
-    # exactly CASE__<content key>: a prefix match would take case "X_"'s folders for stale versions of "X"
-    own = re.compile(rf"^{re.escape(case_id)}__[0-9a-f]{{16}}$")
-    for d in plan_dir.iterdir():
-        if d.name != keep and own.match(d.name):
-            shutil.rmtree(d, ignore_errors=True)
+def remove_stale_versions(plan_dir: str | Path, cases: Iterable[dict]) -> int:
+    """Remove the older versions of `cases` (their content changed since) from a plan's folder; returns how many.
+    Once per stage, not per case: one listing of the folder whatever the cohort's size (a listing per case made
+    preprocessing quadratic in the cohort). A folder is CASE__<16 hex digits>: its case is the name before the
+    last "__", so case "X"'s versions are never confused with case "X_"'s ("X___<key>")."""
+    current = {case["case_id"]: case_dirname(case) for case in cases}
+    removed = 0
+    try:
+        entries = list(os.scandir(plan_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        case_id, sep, key = entry.name.rpartition("__")
+        if (sep and case_id in current and entry.name != current[case_id] and len(key) == 16
+                and all(c in "0123456789abcdef" for c in key)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _describe(exc: Exception) -> str:

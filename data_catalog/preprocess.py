@@ -18,7 +18,7 @@ import pandas as pd
 
 from unet3d.config import PreprocessConfig
 
-from .case_worker import case_records, preprocess_case
+from .case_worker import case_records, preprocess_case, remove_stale_versions
 from .channels import cohort_channels
 from .parallel import dask_client, map_cases, worker_memory
 from .plan import plan_cohort, plan_key, scaled_plan
@@ -128,12 +128,15 @@ def _preprocess_missing(store: PreprocessedStore, plan: dict, cases: list[dict],
                         desc: str) -> tuple[int, int, list[dict]]:
     """Preprocess under `plan` the cases of `cases` it does not have yet (a saved plan, its folder made):
     (cases processed now, cases found done, failures as {"case_id", "error", "step"})."""
-    store.plan_dir(plan["plan_id"]).mkdir(parents=True, exist_ok=True)
+    plan_dir = store.plan_dir(plan["plan_id"])
+    plan_dir.mkdir(parents=True, exist_ok=True)
     pending = [c for c in cases if not store.has_case(plan["plan_id"], c)]
-    if not pending:
-        return 0, len(cases), []
-    outs = map_cases(preprocess_case, pending, plan, str(store.plan_dir(plan["plan_id"])), client=get_client(),
-                     desc=desc, progress=progress)
+    outs = map_cases(preprocess_case, pending, plan, str(plan_dir), client=get_client(), desc=desc,
+                     progress=progress) if pending else []
+    # after the cases' new versions are published (also those of a run stopped before this line)
+    removed = remove_stale_versions(plan_dir, cases)
+    if removed:
+        log.info("%s: removed %d older versions of cases whose content changed", desc, removed)
     failures = [dict(o, step=desc) for o in outs if o["status"] == "failed"]
     return (sum(o["status"] == "done" for o in outs),
             len(cases) - len(pending) + sum(o["status"] == "cached" for o in outs), failures)
