@@ -26,7 +26,7 @@ from typing import Iterable
 import numpy as np
 
 from unet3d.case_folder import IMAGE_FILE, LABEL_FILE, PROPS_FILE, read_props
-from unet3d.io import Geometry, read_case_image, read_label_image, to_numpy, write_json_atomic
+from unet3d.io import Geometry, read_case_voxels, read_label_voxels, save_array, write_json_atomic
 from unet3d.resample import (canonical_axes, canonical_geometry, label_counts, nonzero_bbox,
                              plan_channel_normalisations, plan_normalisation, preprocess_consuming)
 
@@ -121,18 +121,14 @@ def _read_case(case: dict) -> tuple[np.ndarray | list[np.ndarray], np.ndarray | 
     (ingestion checked that they share channel 0's geometry)."""
     files = list(case["image_files"]) if case.get("image_files") is not None else [case["image_path"]]
     if record_channels(case) > 1:
-        images = [read_case_image([f], dicom=False) for f in files]
-        geometry = Geometry.of(images[0])
-        voxels = [to_numpy(i) for i in images]
-        del images
+        read = [read_case_voxels([f], dicom=False) for f in files]
+        voxels, geometry = [v for v, _ in read], read[0][1]
+        del read
     else:
-        image = read_case_image(files, dicom=case.get("source_kind") == "dicom")
-        geometry = Geometry.of(image)
-        voxels = to_numpy(image)
-        del image
+        voxels, geometry = read_case_voxels(files, dicom=case.get("source_kind") == "dicom")
     label = None
     if case.get("label_path"):
-        label = read_label_image(case["label_path"])[0]
+        label = read_label_voxels(case["label_path"])[0]
     return voxels, label, geometry
 
 
@@ -275,9 +271,9 @@ def preprocess_case(case: dict, plan: dict, plan_dir: str) -> dict:
             shutil.rmtree(final)
         tmp.mkdir(parents=True)
         # (C, X, Y, Z): channel first, C = 1 for a single-channel case
-        np.save(tmp / IMAGE_FILE, (image if image.ndim == 4 else image[None]).astype(np.float32, copy=False))
+        save_array(tmp / IMAGE_FILE, (image if image.ndim == 4 else image[None]).astype(np.float32, copy=False))
         if label is not None:
-            np.save(tmp / LABEL_FILE, label)
+            save_array(tmp / LABEL_FILE, label)
         meta = props.to_dict()
         meta.update(case_id=case["case_id"], image_sha256=case.get("image_sha256"),
                     label_sha256=case.get("label_sha256"), plan_id=plan["plan_id"])

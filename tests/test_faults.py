@@ -368,3 +368,35 @@ def test_writes_on_a_really_full_file_system(tmp_path):
             assert sorted(p.name for p in full.iterdir()) == [], name
     finally:
         subprocess.run(["umount", "--lazy", str(full)], check=False)  # a failed writer may still hold its file open
+
+
+def test_preprocessed_arrays_are_written_contiguous(tmp_path, monkeypatch):
+    """A scan stored with flipped axes (every MSD hippocampus file: RAS on disk, LPS in ITK) reaches the writer as
+    a flipped view when its spacing needs no resampling. numpy writes an array that is neither C- nor
+    Fortran-contiguous one element per fwrite call: a third of a small case's preprocessing went into writing
+    its label. Arrays are made contiguous first (the same bytes)."""
+    import SimpleITK as sitk
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, values in (("image", np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)),
+                         ("label", (np.random.default_rng(1).random((8, 9, 10)) > 0.5).astype(np.uint8))):
+        image = sitk.GetImageFromArray(values)
+        image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+        (src / name).mkdir()
+        sitk.WriteImage(image, str(src / name / "X.nii.gz"))
+    ws = tmp_path / "ws"
+    ingest(src / "image", "c", ws, labels=src / "label")
+    case = preprocess_stage.case_records(Catalog(ws).cases(cohort="c"))[0]
+    plan = {"plan_id": "p", "target_spacing": [1.0, 1.0, 1.0], "image_order": 1, "label_mode": "nearest",
+            "normalisation": {"scheme": "zscore"}}
+    written = {}
+    real_save = np.save
+
+    def save(file, arr, *args, **kwargs):
+        written[Path(file).name] = arr.flags.c_contiguous or arr.flags.f_contiguous
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save)
+    assert preprocess_case(case, plan, str(tmp_path / "plan"))["status"] == "done"
+    assert written == {"image.npy": True, "label.npy": True}

@@ -3,6 +3,7 @@ leaves every file it does not handle the same way to ITK (None)."""
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from unet3d.io import read_image, read_nifti_direct
+from unet3d.io import Geometry, read_case_voxels, read_image, read_label_voxels, read_nifti_direct, to_numpy
+from unet3d.labels import as_label_values
 
 SHARED_HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
 
@@ -143,3 +145,42 @@ def test_every_file_of_the_real_cohort_reads_as_itk_reads_it():
     assert len(readable) > 400
     for path in readable:
         assert_reads_as_itk(path)
+
+
+def assert_voxels_as_itk(path: Path, label: bool = False) -> None:
+    """read_case_voxels / read_label_voxels give what to_numpy of read_image's SimpleITK image gives (the route
+    preprocessing took before): the same values, dtype and (x, y, z) layout, a writable array, and the geometry
+    Geometry.of that image gives, to the sign of its zeros (props.json records it: the preprocessed store's bytes
+    must not change)."""
+    reference = read_image(path)
+    expected = as_label_values(to_numpy(reference)) if label else to_numpy(reference)
+    voxels, geometry = read_label_voxels(path) if label else read_case_voxels([path], dicom=False)
+    assert voxels.dtype == expected.dtype and voxels.shape == expected.shape
+    assert voxels.flags.f_contiguous == expected.flags.f_contiguous and voxels.flags.writeable
+    np.testing.assert_array_equal(voxels, expected)
+    assert json.dumps(geometry.to_dict()) == json.dumps(Geometry.of(reference).to_dict())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_case_voxels_read_without_itk_are_what_itk_gives(tmp_path, seed):
+    suffix = ".nii.gz" if seed % 3 else ".nii"
+    assert_voxels_as_itk(write_oriented(tmp_path / f"scan{suffix}", seed, DTYPES[seed % len(DTYPES)]))
+
+
+def test_label_voxels_and_files_left_to_itk_read_as_itk_gives(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 3, (6, 7, 8)).astype(np.float32)  # a float label file
+    image = sitk.GetImageFromArray(labels)
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS <-> LPS: zeros of both signs
+    sitk.WriteImage(image, str(tmp_path / "label.nii.gz"))
+    assert_voxels_as_itk(tmp_path / "label.nii.gz", label=True)
+    sitk.WriteImage(image, str(tmp_path / "label.nrrd"))  # not NIfTI: read through ITK
+    assert_voxels_as_itk(tmp_path / "label.nrrd", label=True)
+    scaled = patch_header(write_oriented(tmp_path / "scaled.nii.gz", 1, np.float32), {112: struct.pack("<f", 2.0)})
+    assert_voxels_as_itk(scaled)  # intensity scaling: left to ITK
+
+
+@pytest.mark.skipif(not SHARED_HIPPOCAMPUS.is_dir(), reason="the shared MSD hippocampus cohort is absent")
+def test_case_voxels_of_the_real_cohort_are_what_itk_gives():
+    for path in sorted(SHARED_HIPPOCAMPUS.glob("imagesTr/*.nii.gz"))[:40]:
+        assert_voxels_as_itk(path)
+        assert_voxels_as_itk(path.parent.parent / "labelsTr" / path.name, label=True)

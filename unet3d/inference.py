@@ -23,7 +23,7 @@ from scipy import ndimage
 from .case_folder import case_properties, read_case_folder
 from .jobs import ModelRef, PredictionJob  # noqa: F401  (part of this module's API; defined without torch)
 from .config import INFER_DEFAULTS
-from .io import Geometry, atomic_path, from_numpy, read_image, to_numpy, write_image_atomic
+from .io import Geometry, atomic_path, from_numpy, read_image, save_array, to_numpy, write_image_atomic
 from .postprocess import apply_postprocessing
 from .resample import (
     CaseProperties,
@@ -258,7 +258,7 @@ def _predict_job(job: PredictionJob, models: Sequence[StageModel], plans: Sequen
     out, probs1 = cascade(inputs, models, overlap, tta, batch_size, stage1_probs=cached)
     if cached is None and cache is not None:
         with atomic_path(cache, suffix=".tmp.npy") as tmp:
-            np.save(tmp, probs1.astype(np.float16))
+            save_array(tmp, probs1.astype(np.float16))
     written = []
     for name, labels in out.labels.items():
         written.append(write_image_atomic(from_numpy(labels.astype(np.uint8), geometry), job.targets[name]))
