@@ -670,8 +670,8 @@ def _nifti1_geometry(header: bytes):
 
 
 def _within(a: np.ndarray, b: np.ndarray, atol: float) -> bool:
-    """Every |a - b| <= atol, False where either holds a NaN: np.allclose(a, b, rtol=0, atol=atol) without its
-    general machinery (a tenth of a millisecond per call, three calls for every file read)."""
+    """Every |a - b| <= atol, False where either holds a NaN: np.allclose(a, b, rtol=0, atol=atol) without
+    isclose's general machinery (three calls for every file read)."""
     return bool(np.abs(a - b).max() <= atol)
 
 
@@ -714,8 +714,9 @@ def read_case_image(image_files: Sequence[str | Path], dicom: bool, max_voxels: 
 def read_case_voxels(image_files: Sequence[str | Path], dicom: bool,
                      max_voxels: int | None = None) -> tuple[np.ndarray, Geometry]:
     """read_case_image's voxels as an (x, y, z) array (to_numpy's layout, writable) and its geometry. A plain
-    NIfTI file is read without building an ITK image, which to_numpy would copy straight back out (two copies
-    and an allocation of every volume, a tenth of a small case's preprocessing)."""
+    NIfTI file is read without building an ITK image that to_numpy would copy straight back out: one copy of
+    the volume instead of two and an allocation (7 % of the instructions of preprocessing a hippocampus case,
+    measured with callgrind). A file left to ITK is read by read_case_image."""
     files = [str(f) for f in image_files]
     if len(files) == 1 and not dicom:
         direct = _read_nifti_voxels(files[0], max_voxels)

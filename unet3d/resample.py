@@ -372,8 +372,8 @@ class CaseProperties:
     foreground_voxels: dict = field(default_factory=dict)  # class index -> voxel count after resampling
 
     def to_dict(self) -> dict:
-        """The fields as a dict for props.json, sharing their values (dataclasses.asdict's deep copy of the
-        nested lists was a tenth of a case's preprocessing)."""
+        """The fields as a dict for props.json, sharing their values (no deep copy as dataclasses.asdict makes:
+        the dict is written and dropped)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
