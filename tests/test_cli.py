@@ -309,3 +309,49 @@ def test_the_stages_are_task_runs_of_the_pipelines_own_flow_run(tiny_cohort, tmp
     config = write_config(tmp_path / "c.yaml", tiny_cohort)
     assert cli.main(["--workspace", str(tmp_path / "ws"), "preprocess", str(config)]) == 0
     assert seen == [("unet3d-pipeline", "ingest"), ("unet3d-pipeline", "preprocess")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command's start: its imports (Prefect, pydantic, pandas) made without collections of the garbage collector
+# ---------------------------------------------------------------------------------------------------------
+GC_PROBE = """
+import gc, json, sys
+import flows.cli as cli
+
+seen = {}
+
+def probe(args):
+    seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count(), pipeline="flows.pipeline" in sys.modules)
+    return 0
+
+cli.COMMANDS[sys.argv[1]] = probe
+sys.argv = ["unet3d", "--workspace", sys.argv[2], *sys.argv[1:2], *sys.argv[3:]]
+code = cli.console_main()
+print(json.dumps(dict(seen, code=code)))
+"""
+
+
+@pytest.mark.parametrize("command, extra", [("ingest", ["SRC", "--cohort", "c"]), ("runs", [])])
+def test_the_commands_imports_are_frozen_out_of_the_garbage_collectors_sight(tmp_path, command, extra):
+    """Collections during the imports walked the growing heap of Prefect's and pydantic's objects again and
+    again: 0.2 s of a command's 1.4 s of imports. The command imports with the collector off, then freezes what
+    it imported (objects that live as long as the process) and works with the collector on."""
+    done = subprocess.run([sys.executable, "-c", GC_PROBE, command, str(tmp_path), *extra], cwd=REPO,
+                          capture_output=True, encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0 and seen["enabled"] is True
+    assert seen["frozen"] > 50_000, seen  # Prefect alone is about 100,000 objects
+    # a command that runs the pipeline has imported it by then
+    assert seen["pipeline"] is (command == "ingest"), seen
+
+
+def test_main_leaves_the_garbage_collector_as_it_was(tmp_path):
+    """main() is what tests and notebooks call: only the command line freezes the process's objects."""
+    import gc
+
+    from flows.cli import main
+
+    before = gc.get_freeze_count()
+    assert main(["--workspace", str(tmp_path), "runs"]) in (0, 1)
+    assert gc.isenabled() and gc.get_freeze_count() == before
