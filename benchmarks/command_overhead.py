@@ -3,7 +3,8 @@ cohort end to end against a running Prefect server, against nnU-Net v2's fingerp
 the same files in the same run; then the same command again with everything cached. Each is timed on
 `--repeats` fresh workspaces and the best is reported. The two sides take turns (ours, nnU-Net's, ours, ...):
 this machine's speed drifts over minutes, and a side timed all at once could meet a faster or slower stretch
-than the other. The timing starts after `--settle` seconds that let the new server finish its own start-up (a
+than the other. Each timed command of either side starts after the files written before it are flushed
+(os.sync). The timing starts after `--settle` seconds that let the new server finish its own start-up (a
 team's server has been running for days).
 
 A real `prefect server start` on 127.0.0.1 (its own PREFECT_HOME, so nothing of the user's is touched) is
@@ -59,7 +60,16 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("prefect server did not answer within 300 s")
 
 
+def settle_disk() -> None:
+    """Before each timed command, of either side: the files the command before wrote (nnU-Net's preprocessed
+    arrays, about 100 MB; our store, 60 MB) are flushed first, so that the kernel's writeback of one side's
+    output is not the other side's to pay."""
+    os.sync()
+    time.sleep(0.5)
+
+
 def timed_command(argv: list[str], env: dict) -> float:
+    settle_disk()
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - t0
@@ -100,6 +110,7 @@ def main() -> int:
             cacheds.append(timed_command(unet3d, env))  # the same command again: every stage cached
             if args.nnunet_bin:
                 cases = Catalog(str(ws) + "0").cases(cohort="hippocampus", status="ok").to_dict("records")
+                settle_disk()
                 runs.append(nnunet_chain(Path(args.nnunet_bin), root, "hippocampus", cases,
                                          {"background": 0, "anterior": 1, "posterior": 2}, "MRI", args.workers, 504))
         cold, cached = min(colds), min(cacheds)
