@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a served deployment is a service: its console is its log (stage start and end, cache hits, failures)
         _configure_logging(max(args.verbose, 1) if args.command == "serve" else args.verbose)
         if _IMPORT_GC["held"]:
-            if args.command in WORKER_COMMANDS:
+            if args.command in PIPELINE_COMMANDS:
                 import flows.pipeline  # noqa: F401  (the pipeline's modules, imported with the collector off)
             _release_gc_after_imports()
         code = COMMANDS[args.command](args)
@@ -696,6 +696,8 @@ COMMANDS.update(promote=cmd_promote, rollback=cmd_rollback)
 # Commands whose stages run on worker processes (ingest's inspection, the Dask cluster's preprocessing,
 # inference and evaluation): they start the command's worker server (data_catalog/parallel.py).
 WORKER_COMMANDS = {"demo", "ingest", "run", "predict", *STAGE_COMMANDS}
+# Commands that run the pipeline flow (flows/pipeline.py)
+PIPELINE_COMMANDS = {"demo", "run", *STAGE_COMMANDS}
 
 
 # The command line's imports (Prefect, pydantic, pandas: about 180,000 objects that live as long as the process)
