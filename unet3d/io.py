@@ -13,7 +13,7 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -58,8 +58,7 @@ class Geometry:
         return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
 
     def to_dict(self) -> dict:
-        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction)}
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Geometry":
@@ -562,8 +561,8 @@ _NIFTI_FORMS_ATOL = 1e-5
 def _read_nifti_voxels(path: str | Path, max_voxels: int | None = None) -> tuple[np.ndarray, Geometry] | None:
     """A plain NIfTI-1 file (.nii or .nii.gz) read with zlib and numpy: its (z, y, x) voxels (read-only, in the
     file's byte order) and geometry, the same voxels, pixel type, spacing, origin and direction as SimpleITK's
-    reader gives, in a third of its time. Why: a cohort's small scans are read twice
-    per command (validation, then preprocessing), and ITK's reader was most of a 220-case ingest.
+    reader gives, in a third of its time. Why: a cohort's small scans are read twice per command (validation,
+    then preprocessing), and ITK's reader was most of a 220-case ingest.
 
     Returns None for anything it does not handle the way ITK does, by construction rather than by guess; the
     caller then reads through ITK: NIfTI-2 or a separate .hdr/.img pair, not exactly 3 dimensions, a data type
