@@ -215,8 +215,8 @@ def sliding_window_predict(
             weight_sum[window] += weights
 
         # Work items are (window, mirroring) pairs, batched together so that test-time augmentation of a
-        # one-window volume still fills a batch (on CPU, PyTorch runs batch-1 3D convolutions with few channels or
-        # small maps on its slow im2col path rather than oneDNN: 2-4x slower per window, measured).
+        # one-window volume still fills a batch (fewer, larger network calls; a one-sample batch on a CPU is kept
+        # off PyTorch's slow im2col path by unet3d.models.Conv3d, for this project's networks only).
         items = [(window, dims) for window in windows for dims in mirror_dims]
         # The gaussian is mirror-symmetric, so weighting before flipping back is the same; the mean over
         # mirrorings is folded into it.
