@@ -45,7 +45,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--iterations", type=int, default=None, help="iterations per epoch (default: planned)")
     parser.add_argument("--val-every", type=int, default=None)
-    parser.add_argument("--augment", default=None, choices=["full", "light", "none"])
+    parser.add_argument("--augment", default=None, choices=["full", "light", "light_no_mirror", "none"])
     parser.add_argument("--ema-decay", type=float, default=None, help="moving average of the weights (default: planned)")
     parser.add_argument("--tag", default=None, help="name of the run folder (default: from the options)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier checkpoints of this benchmark")
@@ -114,7 +114,7 @@ def main() -> int:
     print("\nsplit  anterior  posterior  mean    predicted/reference volume")
     for split, s in scores.items():
         print(f"{split:5s}  {s[1]:.4f}    {s[2]:.4f}     {np.mean([s[1], s[2]]):.4f}  {ratios[split]:.3f}")
-    print(f"with mirroring test-time augmentation (the pipeline's default): val {tta_scores['val']:.4f}, "
+    print(f"with the pipeline's test-time augmentation (mirroring over the axes training mirrored, if any): val {tta_scores['val']:.4f}, "
           f"test {tta_scores['test']:.4f}")
     print(f"validation Dice {BASELINE_DICE} first reached after {t_baseline:.0f} s of training")
     print(f"val Dice (mean) at <= 2 min: {at_2min:.4f}; best epoch {result.best_epoch}; "

@@ -46,8 +46,8 @@ def test_planner_takes_the_most_capable_network_that_fits_the_budget():
     assert recipe.reasons["features"].startswith("the most capable candidate")
     # every candidate up to the first that does not fit was timed, and is recorded
     assert len(recipe.calibration) == len(fitting) + 1
-    # a short run gets light augmentation, epochs of ~1/40 of the budget, an unbounded epoch count
-    assert recipe.augment == "light" and recipe.max_epochs >= 10_000
+    # a short run gets light augmentation without mirroring, epochs of ~1/40 of the budget, an unbounded epoch count
+    assert recipe.augment == "light_no_mirror" and recipe.max_epochs >= 10_000
     assert recipe.iterations_per_epoch == round(budget_min * 60 / 40 / CPU_TIMES[(base, stem)])
 
 
@@ -55,7 +55,7 @@ def test_a_longer_budget_buys_a_larger_network_and_full_augmentation():
     short = plan(TrainConfig(time_limit_min=2), fake_timer(CPU_TIMES))
     long = plan(TrainConfig(time_limit_min=1200), fake_timer(CPU_TIMES))
     assert sum(long.features) > sum(short.features)
-    assert long.augment == "full" and short.augment == "light"
+    assert long.augment == "full" and short.augment == "light_no_mirror"
 
 
 def test_a_tiny_budget_still_gets_the_cheapest_network():

@@ -58,6 +58,7 @@ class StageModel:
     margin_mm: float | None
     device: torch.device
     postprocess: dict | None = None  # chosen on validation at training time (unet3d.postprocess)
+    mirror_axes: tuple[int, ...] = (0, 1, 2)  # what test-time augmentation may mirror: what training mirrored
 
     @property
     def num_classes(self) -> int:
@@ -80,16 +81,28 @@ class StageModel:
         roi = meta.get("roi") or {}
         return cls(meta["stage"], network, list(meta["patch_size"]), {int(k): v for k, v in meta["classes"].items()},
                    {int(k): int(v) for k, v in meta["label_map"].items()}, list(meta["spacing"]),
-                   margin_mm if margin_mm is not None else roi.get("margin_mm"), dev, meta.get("postprocess"))
+                   margin_mm if margin_mm is not None else roi.get("margin_mm"), dev, meta.get("postprocess"),
+                   trained_mirror_axes(meta))
 
     def predict(self, image: np.ndarray, overlap: float = INFER_DEFAULTS.overlap, tta: bool = INFER_DEFAULTS.tta,
                 batch_size: int = INFER_DEFAULTS.batch_size) -> np.ndarray:
-        """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (C, X, Y, Z)."""
+        """Class probabilities (K, X, Y, Z) float32 for a preprocessed image (C, X, Y, Z). `tta`: also predict the
+        image mirrored over the axes that training mirrored over (none: one pass, whatever `tta` says)."""
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         probs = sliding_window_predict(self.network, tensor, self.patch_size, self.num_classes, overlap=overlap,
-                                       batch_size=batch_size, mirror_axes=(0, 1, 2) if tta else None,
+                                       batch_size=batch_size, mirror_axes=self.mirror_axes if tta else None,
                                        device=self.device)
         return probs.numpy()
+
+
+def trained_mirror_axes(meta: dict) -> tuple[int, ...]:
+    """The axes a model's training mirrored over (model.json), the only ones test-time augmentation may use: a
+    network never shown a mirrored scan segments one badly (hippocampus, trained without augmentation: validation
+    Dice 0.888 in one pass, 0.17 averaged over the 8 mirrorings). Models written before `mirror_axes` was
+    recorded: none for the preset "none", every axis for the others (all of which mirrored every axis)."""
+    if "mirror_axes" in meta:
+        return tuple(int(a) for a in meta["mirror_axes"])
+    return () if (meta.get("recipe") or {}).get("augment") == "none" else (0, 1, 2)
 
 
 def preprocess_for_plan(image: np.ndarray | list[np.ndarray], geometry: Geometry,

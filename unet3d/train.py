@@ -493,7 +493,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         recipe.reasons["features"] = recipe.reasons["stem_stride"] = (
             f"the warm-start source's ({warm.source['init_from']}, sha256 {warm.source['sha256'][:12]})")
     augment = recipe.augment
-    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment]))
+    augment_config = None if augment == "none" else AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment])
+    augmenter = None if augment_config is None else BatchAugmenter(augment_config)
     # Spatial augmentation warps a larger region and crops its centre afterwards, so that rotated or zoomed
     # patches carry real image in their corners instead of zeros (as nnU-Net does).
     context = augmenter.context(patch) if augmenter is not None else [0, 0, 0]
@@ -595,6 +596,8 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
     model_meta = {"model": model_config, "patch_size": patch, "spacing": spacing, "classes": spec.classes,
                   "label_map": spec.label_map, "roi": spec.roi, "overlap": spec.overlap, "stage": spec.stage,
                   "parameters": n_params, "recipe": recipe.to_dict(), "world_size": world,
+                  # test-time augmentation mirrors over these axes only (unet3d.inference.trained_mirror_axes)
+                  "mirror_axes": augment_config.mirror_axes if augment_config is not None else [],
                   **({"init_from": warm.source} if warm is not None else {})}
     if is_main:
         write_json_atomic(model_json, model_meta, indent=1)
