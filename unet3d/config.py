@@ -204,7 +204,8 @@ class TrainConfig(_Section):
     lr: float | None = Field(None, gt=0, allow_inf_nan=False)  # default 1e-2 for sgd, 3e-3 for adamw
     weight_decay: float = Field(3e-5, ge=0, allow_inf_nan=False)
     foreground_oversample: float = Field(0.33, ge=0, le=1)
-    augment: Literal["full", "light", "light_no_mirror", "none"] | bool | None = None  # planned: light_no_mirror for short runs; true = full
+    # planned: light_no_mirror for short runs, full for long ones; true = full, false = none
+    augment: Literal["full", "light", "light_no_mirror", "none"] | bool | None = None
     val_every: int | None = Field(None, ge=1)  # planned: keeps validation under 10 % of a time budget
     val_max_cases: int | None = Field(None, ge=1)
     postprocess: Literal["auto", "none", "largest_component"] = "auto"  # auto: kept where it helps validation

@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 MIN_ITERATIONS = 4000
 # Light augmentation without mirroring below this many iterations (README "Training recipe"). With mirroring, at
 # 11,000-13,000 iterations (15 CPU minutes at 32x48x32 on a fast 2-core machine) light reached validation Dice 0.87
-# after 233 s against 440 s with full, and ended as high; at about 5,500 (the same on a slower machine) light
-# without mirroring reached 0.87 after 133 s against 545 s with mirroring, and ended at 0.888 against 0.878.
+# after 233 s against 440 s with full, and ended as high; at about 5,000 (the same on a slower machine) light
+# without mirroring reached 0.87 after 133 s against 545 s with mirroring, and ended at 0.890 against 0.878.
 SHORT_RUN_AUGMENT = "light_no_mirror"
 FULL_AUGMENT_MIN_ITERATIONS = 25_000
 MAX_VALIDATION_SHARE = 0.10
