@@ -240,4 +240,5 @@ def test_test_time_augmentation_mirrors_only_over_the_axes_training_mirrored(tmp
     # model.json written before the axes were recorded: the recipe's preset decides
     assert trained_mirror_axes({"recipe": {"augment": "none"}}) == ()
     assert trained_mirror_axes({"recipe": {"augment": "light"}}) == (0, 1, 2)
+    assert trained_mirror_axes({"recipe": {"augment": "light_no_mirror"}}) == ()
     assert trained_mirror_axes({}) == (0, 1, 2)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .augment import PRESETS as AUGMENT_PRESETS, AugmentConfig
 from .case_folder import case_properties, read_case_folder
 from .jobs import ModelRef, PredictionJob  # noqa: F401  (part of this module's API; defined without torch)
 from .config import INFER_DEFAULTS
@@ -98,11 +99,14 @@ class StageModel:
 def trained_mirror_axes(meta: dict) -> tuple[int, ...]:
     """The axes a model's training mirrored over (model.json), the only ones test-time augmentation may use: a
     network never shown a mirrored scan segments one badly (hippocampus, trained without augmentation: validation
-    Dice 0.888 in one pass, 0.17 averaged over the 8 mirrorings). Models written before `mirror_axes` was
-    recorded: none for the preset "none", every axis for the others (all of which mirrored every axis)."""
+    Dice 0.888 in one pass, 0.17 averaged over the 8 mirrorings). A model.json written before `mirror_axes` was
+    recorded: the axes of its recipe's augmentation preset; every axis where it has no recipe."""
     if "mirror_axes" in meta:
         return tuple(int(a) for a in meta["mirror_axes"])
-    return () if (meta.get("recipe") or {}).get("augment") == "none" else (0, 1, 2)
+    augment = (meta.get("recipe") or {}).get("augment")
+    if augment == "none":
+        return ()
+    return tuple(AugmentConfig(**AUGMENT_PRESETS.get(augment, {})).mirror_axes)
 
 
 def preprocess_for_plan(image: np.ndarray | list[np.ndarray], geometry: Geometry,
