@@ -11,7 +11,7 @@ import torch
 from unet3d.config import ConfigError, TrainConfig, parse_config
 from unet3d.models import build_network
 from unet3d.postprocess import apply_postprocessing, choose_postprocessing, keep_largest_component
-from unet3d.recipe import CPU_LADDER, MIN_ITERATIONS, plan_recipe
+from unet3d.recipe import CPU_LADDER, MIN_ITERATIONS, MIN_ITERATIONS_MIRRORED, min_iterations, plan_recipe
 from unet3d.sampling import center_crop
 
 CPU = torch.device("cpu")
@@ -40,8 +40,9 @@ def test_planner_takes_the_most_capable_network_that_fits_the_budget():
     budget_min = 8
     recipe = plan(TrainConfig(time_limit_min=budget_min), fake_timer(CPU_TIMES))
     usable = budget_min * 60 * 0.9
-    fitting = [k for k in CPU_LADDER if usable / CPU_TIMES[k] >= MIN_ITERATIONS]
+    fitting = [k for k in CPU_LADDER if usable / CPU_TIMES[k] >= min_iterations("light_no_mirror")]
     base, stem = fitting[-1]
+    assert (base, stem) == (8, 1)  # with these times: the full-resolution narrow network
     assert recipe.features[0] == base and max(recipe.stem_stride) == stem
     assert recipe.reasons["features"].startswith("the most capable candidate")
     # every candidate up to the first that does not fit was timed, and is recorded
@@ -49,6 +50,21 @@ def test_planner_takes_the_most_capable_network_that_fits_the_budget():
     # a short run gets light augmentation without mirroring, epochs of ~1/40 of the budget, an unbounded epoch count
     assert recipe.augment == "light_no_mirror" and recipe.max_epochs >= 10_000
     assert recipe.iterations_per_epoch == round(budget_min * 60 / 40 / CPU_TIMES[(base, stem)])
+
+
+def test_a_mirrored_run_needs_more_iterations_so_it_gets_a_cheaper_network():
+    """Mirroring slows learning (README "Training recipe"): a candidate must fit MIN_ITERATIONS_MIRRORED iterations
+    when the configured augmentation mirrors, MIN_ITERATIONS otherwise."""
+    assert min_iterations("light_no_mirror") == min_iterations("none") == MIN_ITERATIONS
+    assert min_iterations("light") == min_iterations("full") == MIN_ITERATIONS_MIRRORED > MIN_ITERATIONS
+    usable = 8 * 60 * 0.9  # (8, 1) fits 2,400 iterations, (16, 2) 3,323, (8, 2) 6,171
+    planned = plan(TrainConfig(time_limit_min=8), fake_timer(CPU_TIMES))
+    mirrored = plan(TrainConfig(time_limit_min=8, augment="light"), fake_timer(CPU_TIMES))
+    assert (planned.features, planned.stem_stride) == ([8, 16, 32, 64], [1, 1, 1])
+    assert usable / CPU_TIMES[(8, 1)] >= MIN_ITERATIONS
+    assert (mirrored.features[0], max(mirrored.stem_stride)) == (8, 2)
+    assert usable / CPU_TIMES[(16, 2)] < MIN_ITERATIONS_MIRRORED <= usable / CPU_TIMES[(8, 2)]
+    assert f">= {MIN_ITERATIONS_MIRRORED} iterations (light)" in mirrored.reasons["features"]
 
 
 def test_a_longer_budget_buys_a_larger_network_and_full_augmentation():

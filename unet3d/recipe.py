@@ -9,9 +9,9 @@ used exactly as given):
 * ``features`` and ``stem_stride`` (the network's widths and whether stage 0 runs on a 2x coarser grid): a
   ladder of candidate networks, cheapest first, is *timed on the actual device* (a few real training
   iterations: sampling aside, forward, Dice+CE with deep supervision, backward, AdamW step). With a time budget
-  the planner takes the most capable candidate that still fits ``MIN_ITERATIONS`` training iterations into it
-  (a network that sees too few batches over-segments: see the README's quality notes); without one, today's
-  default network.
+  the planner takes the most capable candidate that still fits the iterations it needs to converge into it
+  (:func:`min_iterations`: ``MIN_ITERATIONS`` without mirroring, ``MIN_ITERATIONS_MIRRORED`` with it; a network
+  that sees too few batches over-segments: see the README's quality notes); without one, today's default network.
 * ``augment``: ``light_no_mirror`` (light geometry and intensity, no mirroring) when the run is too short for
   heavy augmentation to pay off (fewer than ``FULL_AUGMENT_MIN_ITERATIONS`` iterations), else ``full``. Mirroring
   is what slowed short runs most: a network shown scans flipped along every axis must tell structures apart by
@@ -45,9 +45,13 @@ if TYPE_CHECKING:  # torch is imported where a candidate is measured: the cascad
 
 log = logging.getLogger(__name__)
 
-# Measured on the hippocampus cohort on a 2-core CPU (benchmarks/train_hippocampus.py, README "Training recipe"):
-# below about this many iterations a network has not converged and its soft-Dice optimum over-segments.
-MIN_ITERATIONS = 4000
+# Iterations a candidate network must fit into the budget (README "Training recipe"; benchmarks/train_hippocampus.py,
+# hippocampus, 2-core CPU): below them a network has not converged and its soft-Dice optimum over-segments.
+# Mirrored runs learn slowly (validation Dice 0.87 after about 3,000 iterations); without mirroring both the
+# [16, 32, 64] + stem and the [8, 16, 32, 64] full-resolution network were within 0.005 of their 15-minute
+# validation Dice after 2,000 (volume ratio 0.97-1.03 from then on).
+MIN_ITERATIONS = 2000
+MIN_ITERATIONS_MIRRORED = 4000
 # Light augmentation without mirroring below this many iterations (README "Training recipe"). With mirroring, at
 # 11,000-13,000 iterations (15 CPU minutes at 32x48x32 on a fast 2-core machine) light reached validation Dice 0.87
 # after 233 s against 440 s with full, and ended as high; at about 5,000 (the same on a slower machine) light
@@ -68,11 +72,12 @@ CALIBRATION_ITERATIONS = 3
 ROI_STAGE_SHARE = 0.3
 
 # Candidate networks, cheapest first: (base width, stem stride). Depth and the widths' doubling come from the
-# patch (stages until the bottleneck is small), capped at MAX_FEATURES as nnU-Net does. Not (8, 1), although it
-# costs more per iteration than (16, 2): on the hippocampus benchmark it learns less in the same time (8 min:
-# validation Dice 0.860 against 0.865; 15 min, in a run that also averaged its weights: 0.873 against 0.878,
-# 0.87 reached after 676 s against 496 s).
-CPU_LADDER = [(8, 2), (16, 2), (16, 1), (24, 1), (32, 1)]
+# patch (stages until the bottleneck is small), capped at MAX_FEATURES as nnU-Net does. (8, 1) costs 1.5x (16, 2)
+# per iteration and works at full resolution: without mirroring, 15 CPU minutes on the hippocampus benchmark gave
+# validation Dice 0.891 against 0.890 (last ten epochs 0.890 against 0.887 on average), test 0.884 against 0.878,
+# 0.87 reached after 97 s against 133 s. (With mirroring and a 40x56x40 patch it had learned less in the same time
+# than (16, 2): 0.873 against 0.878, too few iterations for a mirrored run.)
+CPU_LADDER = [(8, 2), (16, 2), (8, 1), (16, 1), (24, 1), (32, 1)]
 CUDA_LADDER = [(16, 1), (24, 1), (32, 1)]
 
 
@@ -106,6 +111,15 @@ class Recipe:
         out, as recipes planned before it existed had none, so that their checkpoints still resume)."""
         return {k: v for k, v in self.to_dict().items()
                 if k not in ("seconds_per_iteration", "calibration", "reasons") and not (k == "ema_decay" and not v)}
+
+
+def min_iterations(augment: str) -> int:
+    """Iterations a candidate network must fit into the budget under `augment` (a preset name or "none"):
+    MIN_ITERATIONS_MIRRORED when the preset mirrors, else MIN_ITERATIONS."""
+    from .augment import PRESETS, AugmentConfig
+
+    mirrors = augment != "none" and bool(AugmentConfig(**PRESETS[augment]).mirror_axes)
+    return MIN_ITERATIONS_MIRRORED if mirrors else MIN_ITERATIONS
 
 
 def stage_time_budgets(time_limit_min: float | None, stage_limits: Sequence[float | None]) -> list[float | None]:
@@ -213,6 +227,7 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
                 ladder = [(w, max(stem)) for w, _ in ladder]
                 ladder = list(dict.fromkeys(ladder))
             chosen = None
+            needed = min_iterations(augment_guess)
             t_calibration = time.perf_counter()
             for base, s in ladder:
                 cand_stem = stem or stem_strides(spacing, s)
@@ -221,17 +236,18 @@ def plan_recipe(cfg: TrainConfig, *, patch: list[int], spacing: Sequence[float],
                 iterations = int(budget_s * (1 - MAX_VALIDATION_SHARE) / t) if t > 0 else 0
                 calibration.append({"features": cand, "stem_stride": cand_stem, "seconds_per_iteration": round(t, 4),
                                     "iterations_in_budget": iterations})
-                if chosen is None or iterations >= MIN_ITERATIONS:
+                if chosen is None or iterations >= needed:
                     chosen = (cand, cand_stem, t, iterations)
-                if iterations < MIN_ITERATIONS:
+                if iterations < needed:
                     break  # every later candidate is costlier still
                 if time.perf_counter() - t_calibration > MAX_CALIBRATION_SHARE * budget_s:
                     break  # timing more candidates would eat the budget they are timed for
             features, stem, _t, iterations = chosen
             reasons["features"] = (
-                f"the most capable candidate that fits >= {MIN_ITERATIONS} iterations into the "
-                f"{budget_s / 60:g} min budget ({iterations} measured-time iterations)" if iterations >= MIN_ITERATIONS
-                else f"the cheapest candidate: none fits {MIN_ITERATIONS} iterations into {budget_s / 60:g} min")
+                f"the most capable candidate that fits >= {needed} iterations ({augment_guess}) into the "
+                f"{budget_s / 60:g} min budget ({iterations} measured-time iterations)" if iterations >= needed
+                else f"the cheapest candidate: none fits {needed} iterations ({augment_guess}) into "
+                     f"{budget_s / 60:g} min")
     t_iter = next((c["seconds_per_iteration"] for c in calibration
                    if c["features"] == features and c["stem_stride"] == stem), None)
     if t_iter is None and budget_s is not None:
