@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # Iterations a candidate network must fit into the budget (README "Training recipe"; benchmarks/train_hippocampus.py,
 # hippocampus, 2-core CPU): below them a network has not converged and its soft-Dice optimum over-segments.
 # Mirrored runs learn slowly (validation Dice 0.87 after about 3,000 iterations); without mirroring both the
-# [16, 32, 64] + stem and the [8, 16, 32, 64] full-resolution network were within 0.005 of their 15-minute
-# validation Dice after 2,000 (volume ratio 0.97-1.03 from then on).
+# [16, 32, 64] + stem and the [8, 16, 32, 64] full-resolution network were within 0.003-0.008 of their best
+# 15-minute validation Dice after 2,000 (three runs; volume ratio 0.96-1.03 from then on).
 MIN_ITERATIONS = 2000
 MIN_ITERATIONS_MIRRORED = 4000
 # Light augmentation without mirroring below this many iterations (README "Training recipe"). With mirroring, at
