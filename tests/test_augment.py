@@ -343,3 +343,15 @@ def test_warping_onto_the_crop_equals_cropping_the_full_warp():
     # nearest sampling at the same points: the same labels, but for points that fall on a voxel boundary
     mismatch = (cropped_label != center_crop(full_label, patch)).float().mean()
     assert mismatch < 1e-3
+
+
+def test_a_preset_name_gives_its_configuration_and_its_mirror_axes():
+    from unet3d.augment import PRESETS, preset_config, preset_mirror_axes
+
+    assert preset_config("none") is None and preset_mirror_axes("none") == []
+    assert preset_mirror_axes("full") == preset_mirror_axes("light") == [0, 1, 2]
+    assert preset_mirror_axes("light_no_mirror") == []
+    thick = preset_config("light", spacing=(0.7, 0.7, 5.0))
+    assert thick.in_plane_only and thick.thick_axis == 2 and thick.p_rotate == PRESETS["light"]["p_rotate"]
+    with pytest.raises(ValueError, match="unknown augmentation preset 'heavy'"):
+        preset_config("heavy")

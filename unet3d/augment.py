@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AugmentConfig", "BatchAugmenter", "center_crop", "rotation_matrices", "warp"]
+__all__ = ["AugmentConfig", "BatchAugmenter", "center_crop", "preset_config", "preset_mirror_axes", "rotation_matrices",
+           "warp"]
 
 _SPATIAL_DIMS = (2, 3, 4)  # x, y, z in a (B, C, X, Y, Z) tensor
 
@@ -143,6 +144,22 @@ class AugmentConfig:
             settings.update(in_plane_only=True, thick_axis=spacing.index(max(spacing)))
         settings.update(overrides)
         return cls(**settings)
+
+
+def preset_config(augment: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> AugmentConfig | None:
+    """The configuration of the preset named `augment` (a key of PRESETS) for patches at `spacing`; None for
+    "none" (no augmentation)."""
+    if augment == "none":
+        return None
+    if augment not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {augment!r}: expected one of {[*PRESETS, 'none']}")
+    return AugmentConfig.for_spacing(spacing, **PRESETS[augment])
+
+
+def preset_mirror_axes(augment: str) -> list[int]:
+    """The axes the preset named `augment` mirrors over ([] for "none")."""
+    config = preset_config(augment)
+    return config.mirror_axes if config is not None else []
 
 
 def center_crop(x: Tensor, size: Sequence[int]) -> Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .augment import PRESETS as AUGMENT_PRESETS, AugmentConfig
+from .augment import preset_mirror_axes
 from .case_folder import case_properties, read_case_folder
 from .jobs import ModelRef, PredictionJob  # noqa: F401  (part of this module's API; defined without torch)
 from .config import INFER_DEFAULTS
@@ -103,10 +103,7 @@ def trained_mirror_axes(meta: dict) -> tuple[int, ...]:
     recorded: the axes of its recipe's augmentation preset; every axis where it has no recipe."""
     if "mirror_axes" in meta:
         return tuple(int(a) for a in meta["mirror_axes"])
-    augment = (meta.get("recipe") or {}).get("augment")
-    if augment == "none":
-        return ()
-    return tuple(AugmentConfig(**AUGMENT_PRESETS.get(augment, {})).mirror_axes)
+    return tuple(preset_mirror_axes((meta.get("recipe") or {}).get("augment") or "full"))
 
 
 def preprocess_for_plan(image: np.ndarray | list[np.ndarray], geometry: Geometry,

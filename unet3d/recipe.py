@@ -117,10 +117,9 @@ class Recipe:
 def min_iterations(augment: str) -> int:
     """Iterations a candidate network must fit into the budget under `augment` (a preset name or "none"):
     MIN_ITERATIONS_MIRRORED when the preset mirrors, else MIN_ITERATIONS."""
-    from .augment import PRESETS, AugmentConfig
+    from .augment import preset_mirror_axes
 
-    mirrors = augment != "none" and bool(AugmentConfig(**PRESETS[augment]).mirror_axes)
-    return MIN_ITERATIONS_MIRRORED if mirrors else MIN_ITERATIONS
+    return MIN_ITERATIONS_MIRRORED if preset_mirror_axes(augment) else MIN_ITERATIONS
 
 
 def stage_time_budgets(time_limit_min: float | None, stage_limits: Sequence[float | None]) -> list[float | None]:
@@ -322,7 +321,7 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
     `architecture`: build_network's architecture, block, skip and gate (default: a plain unet3d)."""
     import torch
 
-    from .augment import PRESETS, AugmentConfig, BatchAugmenter
+    from .augment import BatchAugmenter, preset_config
     from .losses import DeepSupervisionLoss, DiceCELoss
     from .models import architecture_parts, build_network, slice_axis_for
     from .train import autocast, network_topology
@@ -336,7 +335,8 @@ def measure_iteration(features: Sequence[int], stem_stride: Sequence[int], patch
                         **architecture).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DeepSupervisionLoss(DiceCELoss())
-    augmenter = None if augment == "none" else BatchAugmenter(AugmentConfig.for_spacing(spacing, **PRESETS[augment]))
+    augment_config = preset_config(augment, spacing)
+    augmenter = None if augment_config is None else BatchAugmenter(augment_config)
     gen = torch.Generator(device=device).manual_seed(0)
     context = augmenter.context(patch) if augmenter is not None else [0, 0, 0]
     padded = [p + 2 * c for p, c in zip(patch, context)]  # what the sampler cuts: warped, then cropped

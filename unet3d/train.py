@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .augment import PRESETS as AUGMENT_PRESETS
-from .augment import AugmentConfig, BatchAugmenter
+from .augment import BatchAugmenter, preset_config
 from .config import INFER_DEFAULTS, TrainConfig, model_train_settings
 from .io import atomic_path, parent_death_signal, save_torch_atomic, write_json_atomic
 from .losses import DeepSupervisionLoss, DiceCELoss
@@ -493,7 +492,7 @@ def train(spec: TrainSpec, progress: bool = True) -> TrainResult:
         recipe.reasons["features"] = recipe.reasons["stem_stride"] = (
             f"the warm-start source's ({warm.source['init_from']}, sha256 {warm.source['sha256'][:12]})")
     augment = recipe.augment
-    augment_config = None if augment == "none" else AugmentConfig.for_spacing(spacing, **AUGMENT_PRESETS[augment])
+    augment_config = preset_config(augment, spacing)
     augmenter = None if augment_config is None else BatchAugmenter(augment_config)
     # Spatial augmentation warps a larger region and crops its centre afterwards, so that rotated or zoomed
     # patches carry real image in their corners instead of zeros (as nnU-Net does).
