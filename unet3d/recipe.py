@@ -73,7 +73,7 @@ CALIBRATION_ITERATIONS = 3
 ROI_STAGE_SHARE = 0.3
 
 # Candidate networks, cheapest first: (base width, stem stride). Depth and the widths' doubling come from the
-# patch (stages until the bottleneck is small), capped at MAX_FEATURES as nnU-Net does. (8, 1) costs 1.5x (16, 2)
+# patch (stages until the bottleneck is small), capped at MAX_FEATURES as nnU-Net does. (8, 1) costs 1.4-1.7x (16, 2)
 # per iteration and works at full resolution: without mirroring, 15 CPU minutes on the hippocampus benchmark gave
 # validation Dice 0.891 against 0.890 (last ten epochs 0.890 against 0.887 on average), test 0.884 against 0.878,
 # 0.87 reached after 97 s against 133 s. (With mirroring and a 40x56x40 patch it had learned less in the same time
